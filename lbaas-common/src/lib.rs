@@ -1,0 +1,210 @@
+//! Layouts shared by the lbaas XDP program and its controller.
+//!
+//! Everything the kernel and user space must agree on lives here: map names, their sizes,
+//! the `#[repr(C)]` keys and values, flag bits and stat indices. Every type has explicit padding
+//! and a compile-time size check, so a change to one side cannot silently disagree with the
+//! other. When a value layout changes, the map name gets a version suffix (`_V2`).
+//!
+//! Addresses and ports are kept in **network byte order** (as they sit in the packet), so the
+//! data path compares and copies them without swapping.
+#![no_std]
+#![deny(missing_docs)]
+
+/// Name of the VIP table: [`VipKey`] -> [`VipInfo`].
+pub const MAP_VIPS: &str = "LB_VIPS";
+/// Name of the member table: member id (u32 index) -> [`MemberInfo`].
+pub const MAP_MEMBERS: &str = "LB_MEMBERS";
+/// Name of the selection ring array: slot (u32 index) -> member id (u32).
+///
+/// Each listener owns a contiguous region `[ring_base, ring_base + ring_len)`; the controller
+/// writes a new region beside the live one and then switches the listener's [`VipInfo`] to it
+/// with one map write (make-before-break).
+pub const MAP_RING: &str = "LB_RING";
+/// Name of the round-robin counter array: listener id -> u64 counter, shared by all CPUs.
+pub const MAP_RR: &str = "LB_RR";
+/// Name of the connection table: client-side [`FlowKey`] -> [`FlowState`] (LRU).
+pub const MAP_CONNTRACK: &str = "LB_CT";
+/// Name of the reverse-NAT table: member-side [`FlowKey`] -> [`ReverseNat`] (LRU).
+pub const MAP_REVERSE: &str = "LB_CT_REV";
+/// Name of the per-CPU listener counters: listener id -> [`ListenerStats`].
+pub const MAP_LISTENER_STATS: &str = "LB_LSTATS";
+/// Name of the per-CPU global counters: stat index (`STAT_*`) -> u64.
+pub const MAP_GLOBAL_STATS: &str = "LB_GSTATS";
+
+/// Maximum number of VIP:port:protocol entries.
+pub const MAX_VIPS: u32 = 4096;
+/// Maximum number of listeners (ids `0..MAX_LISTENERS`).
+pub const MAX_LISTENERS: u32 = 4096;
+/// Maximum number of members over all pools (ids `0..MAX_MEMBERS`).
+pub const MAX_MEMBERS: u32 = 65536;
+/// Number of slots in the selection ring array shared by all listeners.
+pub const RING_SLOTS: u32 = 1 << 20;
+/// Default connection-table size (entries in each of the forward and reverse tables).
+pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
+
+/// [`VipInfo::flags`]: the listener is served by the userspace proxy; the packet goes to
+/// the host stack untouched.
+pub const VIP_F_L7_PASS: u32 = 1 << 0;
+
+/// [`VipInfo::algorithm`]: weighted round robin over the ring (global rotation).
+pub const ALGO_ROUND_ROBIN: u32 = 0;
+
+/// IP protocol number of TCP.
+pub const IPPROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Global stat: packets not aimed at any VIP, passed to the host untouched.
+pub const STAT_PASS_NOT_VIP: u32 = 0;
+/// Global stat: frames too short or with bad header lengths, passed untouched.
+pub const STAT_PASS_MALFORMED: u32 = 1;
+/// Global stat: IPv4 packets with options, passed untouched (unsupported on the fast path).
+pub const STAT_PASS_IP_OPTIONS: u32 = 2;
+/// Global stat: IPv4 fragments, passed untouched.
+pub const STAT_PASS_FRAGMENT: u32 = 3;
+/// Global stat: new flows dropped because the listener's pool has no usable member.
+pub const STAT_DROP_NO_MEMBER: u32 = 4;
+/// Global stat: rewritten packets handed to the host stack because the next hop is unknown.
+pub const STAT_PASS_NO_NEIGH: u32 = 5;
+/// Global stat: rewritten packets forwarded with XDP_TX or XDP_REDIRECT.
+pub const STAT_FORWARDED: u32 = 6;
+/// Global stat: L7 listener packets passed to the host stack for the proxy.
+pub const STAT_PASS_L7: u32 = 7;
+/// Number of global stat slots.
+pub const STAT_COUNT: u32 = 8;
+
+/// Key of the VIP table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipKey {
+    /// VIP IPv4 address, network byte order.
+    pub addr: u32,
+    /// Listener port, network byte order.
+    pub port: u16,
+    /// IP protocol ([`IPPROTO_TCP`] or [`IPPROTO_UDP`]).
+    pub proto: u8,
+    /// Explicit padding; always zero.
+    pub _pad: u8,
+}
+
+/// Value of the VIP table: what the data path needs to serve one listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipInfo {
+    /// Listener id: index into the counter maps.
+    pub listener_id: u32,
+    /// `VIP_F_*` bits.
+    pub flags: u32,
+    /// `ALGO_*` selection algorithm.
+    pub algorithm: u32,
+    /// First slot of this listener's region in [`MAP_RING`].
+    pub ring_base: u32,
+    /// Number of slots in the region; 0 means no usable member.
+    pub ring_len: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+
+/// Value of the member table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MemberInfo {
+    /// Member IPv4 address, network byte order.
+    pub addr: u32,
+    /// Member port, network byte order.
+    pub port: u16,
+    /// Explicit padding; always zero.
+    pub _pad: u16,
+    /// Generation of this id: a flow pinned to an older generation of a reused id is
+    /// rescheduled instead of following the new occupant.
+    pub generation: u32,
+    /// Reserved for member flags; always zero for now.
+    pub flags: u32,
+}
+
+/// A flow's 5-tuple as seen in one direction, addresses and ports in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Source address.
+    pub src_addr: u32,
+    /// Destination address.
+    pub dst_addr: u32,
+    /// Source port.
+    pub src_port: u16,
+    /// Destination port.
+    pub dst_port: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 3],
+}
+
+/// Connection-table value: which member a client flow is pinned to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowState {
+    /// Member id the flow was given.
+    pub member_id: u32,
+    /// [`MemberInfo::generation`] at the time the flow was pinned.
+    pub member_generation: u32,
+    /// Listener the flow belongs to.
+    pub listener_id: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+
+/// Reverse-NAT value: how to rewrite a member's reply back to the VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReverseNat {
+    /// VIP address, network byte order.
+    pub vip_addr: u32,
+    /// Listener port, network byte order.
+    pub vip_port: u16,
+    /// Explicit padding; always zero.
+    pub _pad: u16,
+    /// Listener the flow belongs to.
+    pub listener_id: u32,
+}
+
+/// Per-CPU counters of one listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ListenerStats {
+    /// Packets from clients forwarded to members.
+    pub packets_in: u64,
+    /// IP bytes (header included) from clients forwarded to members.
+    pub bytes_in: u64,
+    /// Reply packets from members forwarded to clients.
+    pub packets_out: u64,
+    /// IP bytes of replies forwarded to clients.
+    pub bytes_out: u64,
+    /// New flows given a member.
+    pub new_flows: u64,
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<VipKey>() == 8);
+    assert!(core::mem::size_of::<VipInfo>() == 24);
+    assert!(core::mem::size_of::<MemberInfo>() == 16);
+    assert!(core::mem::size_of::<FlowKey>() == 16);
+    assert!(core::mem::size_of::<FlowState>() == 16);
+    assert!(core::mem::size_of::<ReverseNat>() == 12);
+    assert!(core::mem::size_of::<ListenerStats>() == 40);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: every type is #[repr(C)], made only of integers, with explicit padding, so any
+    // bit pattern is valid and there are no uninitialised bytes.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipInfo {}
+    unsafe impl aya::Pod for MemberInfo {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for ReverseNat {}
+    unsafe impl aya::Pod for ListenerStats {}
+}

@@ -1,0 +1,240 @@
+use super::*;
+
+const GOOD: &str = r#"
+loadbalancers:
+  - name: lb1
+    vip_address: 10.0.0.100
+    listeners:
+      - name: ssh
+        protocol: TCP
+        protocol_port: 22
+        default_pool: ssh-pool
+      - name: dns
+        protocol: UDP
+        protocol_port: 53
+        default_pool: dns-pool
+    pools:
+      - name: ssh-pool
+        protocol: TCP
+        lb_algorithm: ROUND_ROBIN
+        members:
+          - {name: a, address: 10.0.1.4, protocol_port: 22}
+          - {name: b, address: 10.0.1.6, protocol_port: 22, weight: 3}
+      - name: dns-pool
+        protocol: UDP
+        lb_algorithm: ROUND_ROBIN
+        members:
+          - {address: 10.0.1.4, protocol_port: 53}
+"#;
+
+fn errors(yaml: &str) -> Vec<String> {
+    match load_str(yaml, "t.yaml") {
+        Ok(_) => Vec::new(),
+        Err(ConfigError::Invalid { errors, .. }) => errors.iter().map(|e| e.to_string()).collect(),
+        Err(other) => vec![other.to_string()],
+    }
+}
+
+/// Applies `edit` to the good file's text and returns the errors.
+fn errors_after(from: &str, to: &str) -> Vec<String> {
+    assert!(GOOD.contains(from), "fixture does not contain {from:?}");
+    errors(&GOOD.replacen(from, to, 1))
+}
+
+fn assert_one(errors: Vec<String>, expected: &str) {
+    assert_eq!(errors.len(), 1, "expected exactly one error, got {errors:#?}");
+    assert_eq!(errors[0], expected);
+}
+
+#[test]
+fn good_file_is_valid_and_gets_octavia_defaults() {
+    let config = load_str(GOOD, "t.yaml").expect("valid");
+    let lb = &config.loadbalancers[0];
+    assert!(lb.admin_state_up);
+    let l = &lb.listeners[0];
+    assert_eq!(l.connection_limit, -1);
+    assert_eq!(l.timeout_client_data, 50_000);
+    assert_eq!(l.timeout_member_connect, 5_000);
+    assert_eq!(l.timeout_member_data, 50_000);
+    assert_eq!(l.timeout_tcp_inspect, 0);
+    let m = &lb.pools[0].members[0];
+    assert_eq!(m.weight, 1);
+    assert!(m.admin_state_up);
+    assert!(!m.backup);
+    assert_eq!(lb.pools[0].members[1].weight, 3);
+}
+
+#[test]
+fn port_out_of_range_names_its_path() {
+    assert_one(
+        errors_after("protocol_port: 22\n", "protocol_port: 99999\n"),
+        "loadbalancers[0].listeners[0].protocol_port: 99999 is out of range 1-65535",
+    );
+}
+
+#[test]
+fn unknown_enum_values_list_the_valid_ones() {
+    assert_one(
+        errors_after("protocol: TCP\n        protocol_port: 22", "protocol: SCTPX\n        protocol_port: 22"),
+        "loadbalancers[0].listeners[0].protocol: \"SCTPX\" is not one of TCP, UDP, HTTPS, HTTP, TERMINATED_HTTPS",
+    );
+    let e = errors_after("lb_algorithm: ROUND_ROBIN", "lb_algorithm: RANDOM");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("loadbalancers[0].pools[0].lb_algorithm: \"RANDOM\" is not one of"));
+}
+
+#[test]
+fn member_rules() {
+    assert_one(
+        errors_after("weight: 3", "weight: 257"),
+        "loadbalancers[0].pools[0].members[1].weight: 257 is out of range 0-256",
+    );
+    assert_one(
+        errors_after("address: 10.0.1.6", "address: 10.0.1.300"),
+        "loadbalancers[0].pools[0].members[1].address: \"10.0.1.300\" is not an IP address",
+    );
+    assert_one(
+        errors_after("address: 10.0.1.6, protocol_port: 22", "address: 10.0.1.4, protocol_port: 22"),
+        "loadbalancers[0].pools[0].members[1]: 10.0.1.4:22 is already a member of this pool (loadbalancers[0].pools[0].members[0])",
+    );
+    assert!(errors_after("weight: 3", "weight: 0").is_empty(), "weight 0 drains, it is valid");
+}
+
+#[test]
+fn listener_rules() {
+    assert_one(
+        errors_after("default_pool: ssh-pool", "default_pool: nope"),
+        "loadbalancers[0].listeners[0].default_pool: no pool named \"nope\" in this load balancer",
+    );
+    assert_one(
+        errors_after("default_pool: ssh-pool", "default_pool: dns-pool"),
+        "loadbalancers[0].listeners[0].default_pool: pool \"dns-pool\" has protocol UDP, but a TCP listener allows HTTP, HTTPS, PROXY, PROXYV2, TCP",
+    );
+    assert_one(
+        errors_after("protocol_port: 53", "protocol_port: 53\n        connection_limit: -2"),
+        "loadbalancers[0].listeners[1].connection_limit: -2 must be -1 (unlimited) or more",
+    );
+    assert_one(
+        errors_after("protocol_port: 53", "protocol_port: 53\n        timeout_client_data: 2073600001"),
+        "loadbalancers[0].listeners[1].timeout_client_data: 2073600001 is out of range 0-2073600000",
+    );
+    assert_one(
+        errors_after("protocol_port: 53", "protocol_port: 53\n        insert_headers: {X-Forwarded-For: \"true\"}"),
+        "loadbalancers[0].listeners[1].insert_headers: is only allowed on HTTP and TERMINATED_HTTPS listeners, not UDP",
+    );
+}
+
+#[test]
+fn duplicate_names_and_ports() {
+    assert_one(
+        errors_after("name: dns\n", "name: ssh\n"),
+        "loadbalancers[0].listeners[1].name: \"ssh\" is already used by loadbalancers[0].listeners[0]",
+    );
+    // Same port on TCP and UDP is fine; same port twice on TCP is not.
+    assert!(errors_after("protocol_port: 53", "protocol_port: 22").is_empty());
+    let yaml = GOOD.replacen("protocol: UDP\n        protocol_port: 53", "protocol: HTTPS\n        protocol_port: 22", 1)
+        .replacen("default_pool: dns-pool", "default_pool: ssh-pool", 1);
+    assert_one(
+        errors(&yaml),
+        "loadbalancers[0].listeners[1].protocol_port: TCP port 22 on 10.0.0.100 is already used by loadbalancers[0].listeners[0]",
+    );
+    let two = format!("{GOOD}{}", &GOOD["\nloadbalancers:\n".len()..]);
+    let e = errors(&two);
+    assert!(e.contains(&"loadbalancers[1].name: \"lb1\" is already used by loadbalancers[0]".to_string()), "{e:#?}");
+}
+
+#[test]
+fn several_errors_are_reported_together() {
+    let yaml = GOOD
+        .replacen("protocol_port: 22\n", "protocol_port: 0\n", 1)
+        .replacen("weight: 3", "weight: -1", 1)
+        .replacen("vip_address: 10.0.0.100", "vip_address: banana", 1)
+        .replacen("lb_algorithm: ROUND_ROBIN", "lb_algorithm: FASTEST", 1);
+    let e = errors(&yaml);
+    assert_eq!(e.len(), 4, "{e:#?}");
+    assert!(e.iter().any(|e| e.starts_with("loadbalancers[0].vip_address:")));
+    assert!(e.iter().any(|e| e.starts_with("loadbalancers[0].listeners[0].protocol_port:")));
+    assert!(e.iter().any(|e| e.starts_with("loadbalancers[0].pools[0].members[1].weight:")));
+    assert!(e.iter().any(|e| e.starts_with("loadbalancers[0].pools[0].lb_algorithm:")));
+}
+
+#[test]
+fn healthmonitor_rules_follow_octavia() {
+    let with_hm = |hm: &str| errors_after("lb_algorithm: ROUND_ROBIN\n        members", &format!("lb_algorithm: ROUND_ROBIN\n        healthmonitor: {hm}\n        members"));
+    let e = with_hm("{type: TCP, delay: 3, timeout: 5, max_retries: 11, url_path: /x}");
+    let at = "loadbalancers[0].pools[0].healthmonitor";
+    assert!(e.contains(&format!("{at}.timeout: 5 must be less than delay (3)")), "{e:#?}");
+    assert!(e.contains(&format!("{at}.max_retries: 11 is out of range 1-10")), "{e:#?}");
+    assert!(e.contains(&format!("{at}.url_path: is only allowed for HTTP and HTTPS monitors, not TCP")), "{e:#?}");
+    let e = with_hm("{type: HTTP, delay: 5, timeout: 3, max_retries: 2, expected_codes: '200,201-204', url_path: health}");
+    assert!(e.contains(&format!("{at}.expected_codes: \"200,201-204\" is not a code (200), a list (200,202) or a range (200-204)")), "{e:#?}");
+    assert!(e.contains(&format!("{at}.url_path: \"health\" must be a path starting with /")), "{e:#?}");
+    let e = with_hm("{type: UDP-CONNECT, delay: 2, timeout: 1, max_retries: 2}");
+    assert!(e.contains(&format!("{at}.type: UDP-CONNECT is only allowed on UDP pools, not TCP")), "{e:#?}");
+    assert!(e.contains(&format!("{at}.delay: 2 must be at least 3 for UDP-CONNECT")), "{e:#?}");
+}
+
+#[test]
+fn expected_codes_forms() {
+    for ok in ["200", "200,202", "200, 202 ,204", "200-204"] {
+        assert!(valid_expected_codes(ok), "{ok}");
+    }
+    for bad in ["", "20", "2000", "200-", "200,201-204", "abc", "200;201"] {
+        assert!(!valid_expected_codes(bad), "{bad}");
+    }
+}
+
+#[test]
+fn persistence_rules() {
+    let with_sp = |sp: &str| errors_after("name: dns-pool\n        protocol: UDP", &format!("name: dns-pool\n        protocol: UDP\n        session_persistence: {sp}"));
+    let at = "loadbalancers[0].pools[1].session_persistence";
+    let e = with_sp("{type: APP_COOKIE}");
+    assert!(e.contains(&format!("{at}.cookie_name: is required for APP_COOKIE")), "{e:#?}");
+    assert!(e.contains(&format!("{at}.type: APP_COOKIE is not allowed on UDP pools")), "{e:#?}");
+    let e = with_sp("{type: SOURCE_IP, cookie_name: x}");
+    assert!(e.contains(&format!("{at}.cookie_name: is only allowed with APP_COOKIE")), "{e:#?}");
+}
+
+#[test]
+fn l7_policies_only_on_http_listeners_and_rules_checked() {
+    let e = errors_after(
+        "default_pool: ssh-pool",
+        "default_pool: ssh-pool\n        l7policies:\n          - {action: REDIRECT_TO_POOL, redirect_pool: missing, rules: [{type: HEADER, compare_type: EQUAL_TO, value: x}, {type: FILE_TYPE, compare_type: CONTAINS, value: png}]}",
+    );
+    let at = "loadbalancers[0].listeners[0].l7policies";
+    assert!(e.contains(&format!("{at}: are only allowed on HTTP and TERMINATED_HTTPS listeners, not TCP")), "{e:#?}");
+    assert!(e.contains(&format!("{at}[0].redirect_pool: no pool named \"missing\" in this load balancer")), "{e:#?}");
+    assert!(e.contains(&format!("{at}[0].rules[0].key: is required for HEADER rules")), "{e:#?}");
+    assert!(e.contains(&format!("{at}[0].rules[1].compare_type: FILE_TYPE rules allow REGEX or EQUAL_TO, not CONTAINS")), "{e:#?}");
+}
+
+#[test]
+fn unsupported_features_are_refused_clearly() {
+    let e = errors_after("protocol: TCP\n        protocol_port: 22", "protocol: HTTP\n        protocol_port: 22");
+    assert!(e.contains(&"loadbalancers[0].listeners[0].protocol: HTTP (the L7 proxy) is not supported yet".to_string()), "{e:#?}");
+    let e = errors_after("lb_algorithm: ROUND_ROBIN", "lb_algorithm: SOURCE_IP");
+    assert_one(e, "loadbalancers[0].pools[0].lb_algorithm: SOURCE_IP is not supported yet");
+    let e = errors_after("vip_address: 10.0.0.100", "vip_address: \"2001:db8::1\"");
+    assert_one(e, "loadbalancers[0].vip_address: an IPv6 VIP is not supported yet");
+}
+
+#[test]
+fn shape_errors_carry_a_line() {
+    let err = load_str("loadbalancers:\n  - name: x\n    vip_adress: 1.2.3.4\n", "f.yaml").unwrap_err();
+    let text = err.to_string();
+    assert!(text.starts_with("f.yaml: "), "{text}");
+    assert!(text.contains("unknown field `vip_adress`"), "{text}");
+    assert!(text.contains("line 3"), "{text}");
+}
+
+#[test]
+fn empty_file_is_an_empty_config() {
+    assert_eq!(load_str("", "e").unwrap(), Config::default());
+}
+
+#[test]
+fn round_trips_through_json() {
+    let config = load_str(GOOD, "t.yaml").unwrap();
+    let json = serde_json::to_string(&config).unwrap();
+    assert_eq!(serde_json::from_str::<Config>(&json).unwrap(), config);
+}

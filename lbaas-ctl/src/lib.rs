@@ -1,0 +1,10 @@
+//! lbaas-ctl: the controller of the lbaas XDP load balancer.
+//!
+//! Modules, one per concern: [`config`] (YAML model and validation), [`compile`] (desired
+//! state to data-path tables: weighted schedules, id and ring allocation), [`datapath`] (aya:
+//! loading, attaching, map writes), [`net`] (VIP addresses via rtnetlink), [`diff`] (what an
+//! apply changes), [`api`] (the daemon's HTTP/JSON API on a Unix socket and its client),
+//! [`daemon`] and [`render`] (CLI output).
+#![deny(missing_docs)]
+
+pub mod config;

@@ -1,0 +1,119 @@
+//! Address rewrite with incremental checksums, then the next hop from the kernel's FIB.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action,
+    },
+    helpers::generated::{bpf_fib_lookup, bpf_redirect},
+    programs::XdpContext,
+};
+use lbaas_common::{IPPROTO_TCP, STAT_FORWARDED, STAT_PASS_NO_NEIGH};
+
+use crate::{
+    checksum,
+    maps,
+    parse::{Packet, ip, l4, read, write},
+};
+
+const AF_INET: u8 = 2;
+
+/// Which end of the packet gets a new address and port.
+pub enum Rewrite {
+    /// DNAT: client -> member.
+    Destination {
+        /// New destination address (network order).
+        addr: u32,
+        /// New destination port (network order).
+        port: u16,
+    },
+    /// Reverse NAT: member -> client appears to come from the VIP.
+    Source {
+        /// New source address (network order).
+        addr: u32,
+        /// New source port (network order).
+        port: u16,
+    },
+}
+
+/// Rewrites the packet, then forwards it to the next hop the FIB names.
+#[inline(always)]
+pub fn rewrite_and_send(ctx: &XdpContext, pkt: &Packet, rewrite: Rewrite) -> Result<u32, ()> {
+    let (addr_off, port_off, old_addr, old_port, addr, port) = match rewrite {
+        Rewrite::Destination { addr, port } => {
+            (ip::DADDR, l4::DPORT, pkt.dst_addr, pkt.dst_port, addr, port)
+        }
+        Rewrite::Source { addr, port } => {
+            (ip::SADDR, l4::SPORT, pkt.src_addr, pkt.src_port, addr, port)
+        }
+    };
+    let ip_check_off = pkt.l3_off + ip::CHECK;
+    let ip_check: u16 = read(ctx, ip_check_off)?;
+    write(ctx, ip_check_off, checksum::replace4(ip_check, old_addr, addr))?;
+    write(ctx, pkt.l3_off + addr_off, addr)?;
+
+    let l4_check_off = if pkt.proto == IPPROTO_TCP {
+        pkt.l4_off + l4::TCP_CHECK
+    } else {
+        pkt.l4_off + l4::UDP_CHECK
+    };
+    let l4_check: u16 = read(ctx, l4_check_off)?;
+    // A UDP checksum of zero means "none" and must stay so.
+    if pkt.proto == IPPROTO_TCP || l4_check != 0 {
+        let mut check = checksum::replace4(l4_check, old_addr, addr);
+        check = checksum::replace2(check, old_port, port);
+        if pkt.proto != IPPROTO_TCP && check == 0 {
+            check = 0xffff;
+        }
+        write(ctx, l4_check_off, check)?;
+    }
+    write(ctx, pkt.l4_off + port_off, port)?;
+
+    let (src, dst) = match rewrite {
+        Rewrite::Destination { .. } => (pkt.src_addr, addr),
+        Rewrite::Source { .. } => (addr, pkt.dst_addr),
+    };
+    next_hop(ctx, pkt, src, dst)
+}
+
+/// Sets the MACs of the next hop and sends the frame out of the interface the FIB names.
+///
+/// When the FIB cannot name a resolved next hop (no neighbour entry yet, or a VLAN-tagged frame
+/// leaving by another device), the rewritten packet goes to the host stack, which routes it
+/// to the same place and resolves the neighbour for the next packets.
+#[inline(always)]
+fn next_hop(ctx: &XdpContext, pkt: &Packet, src: u32, dst: u32) -> Result<u32, ()> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid input (plain integers and unions of them).
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = pkt.proto;
+    params.__bindgen_anon_1.tot_len = pkt.tot_len;
+    params.__bindgen_anon_3.ipv4_src = src;
+    params.__bindgen_anon_4.ipv4_dst = dst;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: params lives on the stack for the duration of the call, with its true size.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut params,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        maps::count(STAT_PASS_NO_NEIGH);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let same_link = params.ifindex == ctx.ingress_ifindex() as u32;
+    if pkt.vlan && !same_link {
+        maps::count(STAT_PASS_NO_NEIGH);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    write(ctx, 0, params.dmac)?;
+    write(ctx, 6, params.smac)?;
+    maps::count(STAT_FORWARDED);
+    if same_link {
+        return Ok(xdp_action::XDP_TX);
+    }
+    // SAFETY: plain helper call; it only records the target for after the program returns.
+    Ok(unsafe { bpf_redirect(params.ifindex, 0) } as u32)
+}

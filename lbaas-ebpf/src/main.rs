@@ -1,0 +1,66 @@
+//! The lbaas XDP data path.
+//!
+//! Per packet: [`parse`] the headers (bounds-checked, anything unusual passed untouched), look
+//! the destination up in the VIP table ([`forward`]: connection table, member selection, DNAT),
+//! or, failing that, in the reverse-NAT table ([`reply`]: a member's answer rewritten back to
+//! the VIP), then hand the rewritten frame to [`egress`] for the next hop. Each stage returns
+//! either a final XDP action or what the next stage needs (Katran's `FURTHER_PROCESSING`).
+#![no_std]
+#![no_main]
+// BPF has no compare-and-swap in core's eyes; fetch-add comes from the intrinsic.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+mod checksum;
+mod egress;
+mod forward;
+mod maps;
+mod parse;
+mod reply;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lbaas_common::{STAT_PASS_NOT_VIP, VipKey};
+
+use crate::parse::{Parsed, parse};
+
+/// Entry point: a thin wrapper that turns a stage error into XDP_ABORTED.
+#[xdp]
+pub fn lbaas_xdp(ctx: XdpContext) -> u32 {
+    match try_lbaas_xdp(&ctx) {
+        Ok(action) => action,
+        Err(()) => xdp_action::XDP_ABORTED,
+    }
+}
+
+#[inline(always)]
+fn try_lbaas_xdp(ctx: &XdpContext) -> Result<u32, ()> {
+    let pkt = match parse(ctx) {
+        Parsed::Packet(pkt) => pkt,
+        Parsed::Verdict(action) => return Ok(action),
+    };
+    let vip = VipKey {
+        addr: pkt.dst_addr,
+        port: pkt.dst_port,
+        proto: pkt.proto,
+        _pad: 0,
+    };
+    // SAFETY: the value is only read, and entries are replaced whole by the controller.
+    if let Some(info) = unsafe { maps::LB_VIPS.get(&vip) } {
+        return forward::to_member(ctx, &pkt, info);
+    }
+    if let Some(action) = reply::to_client(ctx, &pkt)? {
+        return Ok(action);
+    }
+    maps::count(STAT_PASS_NOT_VIP);
+    Ok(xdp_action::XDP_PASS)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

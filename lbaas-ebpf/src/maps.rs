@@ -1,0 +1,83 @@
+//! The maps of the data path. Names, sizes and layouts come from `lbaas_common`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lbaas_common::{
+    DEFAULT_CONNTRACK_SIZE, FlowKey, FlowState, ListenerStats, MAX_LISTENERS, MAX_MEMBERS,
+    MAX_VIPS, MemberInfo, RING_SLOTS, ReverseNat, STAT_COUNT, VipInfo, VipKey,
+};
+
+/// VIP:port:protocol -> listener.
+#[map(name = "LB_VIPS")]
+pub static LB_VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// Member id -> address and port.
+#[map(name = "LB_MEMBERS")]
+pub static LB_MEMBERS: Array<MemberInfo> = Array::with_max_entries(MAX_MEMBERS, 0);
+
+/// Selection rings of all listeners: slot -> member id.
+#[map(name = "LB_RING")]
+pub static LB_RING: Array<u32> = Array::with_max_entries(RING_SLOTS, 0);
+
+/// Round-robin counters, one per listener, shared by all CPUs (atomic add).
+#[map(name = "LB_RR")]
+pub static LB_RR: Array<u64> = Array::with_max_entries(MAX_LISTENERS, 0);
+
+/// Client flow -> member. The daemon may resize it at load time.
+#[map(name = "LB_CT")]
+pub static LB_CT: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+/// Member-side flow -> VIP to restore on replies.
+#[map(name = "LB_CT_REV")]
+pub static LB_CT_REV: LruHashMap<FlowKey, ReverseNat> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+/// Per-CPU counters per listener.
+#[map(name = "LB_LSTATS")]
+pub static LB_LSTATS: PerCpuArray<ListenerStats> = PerCpuArray::with_max_entries(MAX_LISTENERS, 0);
+
+/// Per-CPU global counters (`STAT_*`).
+#[map(name = "LB_GSTATS")]
+pub static LB_GSTATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// Adds one to a global counter.
+#[inline(always)]
+pub fn count(stat: u32) {
+    if let Some(slot) = LB_GSTATS.get_ptr_mut(stat) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Which way a packet went through a listener, for its counters.
+pub enum Direction {
+    /// Client to member.
+    In,
+    /// Member to client.
+    Out,
+}
+
+/// Adds one packet of `bytes` IP bytes to a listener's counters.
+#[inline(always)]
+pub fn count_listener(listener_id: u32, dir: Direction, bytes: u16, new_flow: bool) {
+    if let Some(stats) = LB_LSTATS.get_ptr_mut(listener_id) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        let stats = unsafe { &mut *stats };
+        match dir {
+            Direction::In => {
+                stats.packets_in += 1;
+                stats.bytes_in += u64::from(bytes);
+            }
+            Direction::Out => {
+                stats.packets_out += 1;
+                stats.bytes_out += u64::from(bytes);
+            }
+        }
+        if new_flow {
+            stats.new_flows += 1;
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Bounds-checked header parsing. Anything the fast path does not handle (non-IPv4, IP options,
+//! fragments, short or inconsistent headers, other L4 protocols) becomes an XDP_PASS verdict
+//! with the frame untouched, so the host stack sees exactly what arrived.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lbaas_common::{
+    IPPROTO_TCP, IPPROTO_UDP, STAT_PASS_FRAGMENT, STAT_PASS_IP_OPTIONS, STAT_PASS_MALFORMED,
+    STAT_PASS_NOT_VIP,
+};
+
+use crate::maps::count;
+
+/// Length of an Ethernet header without VLAN tag.
+pub const ETH_HLEN: usize = 14;
+const VLAN_HLEN: usize = 4;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPV4_HLEN: usize = 20;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+
+/// Offsets inside the IPv4 header.
+pub mod ip {
+    /// Total length.
+    pub const TOT_LEN: usize = 2;
+    /// Flags and fragment offset.
+    pub const FRAG_OFF: usize = 6;
+    /// Protocol.
+    pub const PROTOCOL: usize = 9;
+    /// Header checksum.
+    pub const CHECK: usize = 10;
+    /// Source address.
+    pub const SADDR: usize = 12;
+    /// Destination address.
+    pub const DADDR: usize = 16;
+}
+
+/// Offsets inside TCP and UDP headers.
+pub mod l4 {
+    /// Source port (TCP and UDP).
+    pub const SPORT: usize = 0;
+    /// Destination port (TCP and UDP).
+    pub const DPORT: usize = 2;
+    /// TCP checksum.
+    pub const TCP_CHECK: usize = 16;
+    /// TCP data offset (high nibble).
+    pub const TCP_DOFF: usize = 12;
+    /// UDP checksum.
+    pub const UDP_CHECK: usize = 6;
+}
+
+/// The fields of a parsed IPv4 TCP/UDP packet that the later stages need.
+pub struct Packet {
+    /// Offset of the IPv4 header.
+    pub l3_off: usize,
+    /// Offset of the TCP/UDP header.
+    pub l4_off: usize,
+    /// True when the frame carried a VLAN tag.
+    pub vlan: bool,
+    /// IP protocol.
+    pub proto: u8,
+    /// IPv4 total length (host order).
+    pub tot_len: u16,
+    /// Source address (network order).
+    pub src_addr: u32,
+    /// Destination address (network order).
+    pub dst_addr: u32,
+    /// Source port (network order).
+    pub src_port: u16,
+    /// Destination port (network order).
+    pub dst_port: u16,
+}
+
+/// Either a packet for the next stage or a final action.
+pub enum Parsed {
+    /// An IPv4 TCP/UDP packet with sane headers.
+    Packet(Packet),
+    /// Not for the fast path: the action to return.
+    Verdict(u32),
+}
+
+/// Returns a pointer to a `T` at `offset`, or `Err` when it would run past the frame.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, ()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return Err(());
+    }
+    Ok((start + offset) as *const T)
+}
+
+/// Mutable twin of [`ptr_at`].
+#[inline(always)]
+pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
+    Ok(ptr_at::<T>(ctx, offset)? as *mut T)
+}
+
+/// Reads a `T` at `offset` (unaligned), bounds-checked.
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, ()> {
+    // SAFETY: ptr_at checked that the bytes lie inside the frame.
+    Ok(unsafe { core::ptr::read_unaligned(ptr_at::<T>(ctx, offset)?) })
+}
+
+/// Writes a `T` at `offset` (unaligned), bounds-checked.
+#[inline(always)]
+pub fn write<T: Copy>(ctx: &XdpContext, offset: usize, value: T) -> Result<(), ()> {
+    // SAFETY: ptr_at_mut checked that the bytes lie inside the frame.
+    unsafe { core::ptr::write_unaligned(ptr_at_mut::<T>(ctx, offset)?, value) };
+    Ok(())
+}
+
+#[inline(always)]
+fn pass(stat: u32) -> Parsed {
+    count(stat);
+    Parsed::Verdict(xdp_action::XDP_PASS)
+}
+
+/// Parses Ethernet (at most one VLAN tag), IPv4 without options, and the TCP/UDP ports.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Parsed {
+    let Ok(ethertype) = read::<u16>(ctx, 12).map(u16::from_be) else {
+        return pass(STAT_PASS_MALFORMED);
+    };
+    let (l3_off, vlan, ethertype) = if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        match read::<u16>(ctx, ETH_HLEN + 2).map(u16::from_be) {
+            Ok(inner) => (ETH_HLEN + VLAN_HLEN, true, inner),
+            Err(()) => return pass(STAT_PASS_MALFORMED),
+        }
+    } else {
+        (ETH_HLEN, false, ethertype)
+    };
+    if ethertype != ETH_P_IP {
+        return pass(STAT_PASS_NOT_VIP);
+    }
+    parse_ipv4(ctx, l3_off, vlan)
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, l3_off: usize, vlan: bool) -> Parsed {
+    let Ok(header) = read::<[u8; IPV4_HLEN]>(ctx, l3_off) else {
+        return pass(STAT_PASS_MALFORMED);
+    };
+    let version = header[0] >> 4;
+    let ihl = header[0] & 0x0f;
+    if version != 4 || ihl < 5 {
+        return pass(STAT_PASS_MALFORMED);
+    }
+    if ihl > 5 {
+        return pass(STAT_PASS_IP_OPTIONS);
+    }
+    let frag = u16::from_be_bytes([header[ip::FRAG_OFF], header[ip::FRAG_OFF + 1]]);
+    // More-fragments bit or a non-zero offset: ports are not in every fragment.
+    if frag & 0x3fff != 0 {
+        return pass(STAT_PASS_FRAGMENT);
+    }
+    let tot_len = u16::from_be_bytes([header[ip::TOT_LEN], header[ip::TOT_LEN + 1]]);
+    let proto = header[ip::PROTOCOL];
+    let l4_min = match proto {
+        IPPROTO_TCP => TCP_HLEN,
+        IPPROTO_UDP => UDP_HLEN,
+        _ => return pass(STAT_PASS_NOT_VIP),
+    };
+    // The IP length must cover the L4 header and stay inside the frame.
+    let frame_len = ctx.data_end() - ctx.data();
+    if usize::from(tot_len) < IPV4_HLEN + l4_min || l3_off + usize::from(tot_len) > frame_len {
+        return pass(STAT_PASS_MALFORMED);
+    }
+    let l4_off = l3_off + IPV4_HLEN;
+    let ports = if proto == IPPROTO_TCP {
+        match read::<[u8; TCP_HLEN]>(ctx, l4_off) {
+            Ok(tcp) if tcp[l4::TCP_DOFF] >> 4 >= 5 => [tcp[0], tcp[1], tcp[2], tcp[3]],
+            _ => return pass(STAT_PASS_MALFORMED),
+        }
+    } else {
+        match read::<[u8; UDP_HLEN]>(ctx, l4_off) {
+            Ok(udp) => [udp[0], udp[1], udp[2], udp[3]],
+            Err(()) => return pass(STAT_PASS_MALFORMED),
+        }
+    };
+    Parsed::Packet(Packet {
+        l3_off,
+        l4_off,
+        vlan,
+        proto,
+        tot_len,
+        src_addr: u32::from_ne_bytes([
+            header[ip::SADDR],
+            header[ip::SADDR + 1],
+            header[ip::SADDR + 2],
+            header[ip::SADDR + 3],
+        ]),
+        dst_addr: u32::from_ne_bytes([
+            header[ip::DADDR],
+            header[ip::DADDR + 1],
+            header[ip::DADDR + 2],
+            header[ip::DADDR + 3],
+        ]),
+        src_port: u16::from_ne_bytes([ports[0], ports[1]]),
+        dst_port: u16::from_ne_bytes([ports[2], ports[3]]),
+    })
+}
