@@ -75,7 +75,7 @@ pub const STAT_COUNT: u32 = 8;
 
 /// Key of the VIP table.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct VipKey {
     /// VIP IPv4 address, network byte order.
     pub addr: u32,

@@ -7,4 +7,8 @@
 //! [`daemon`] and [`render`] (CLI output).
 #![deny(missing_docs)]
 
+pub mod compile;
 pub mod config;
+pub mod datapath;
+pub mod diff;
+pub mod net;

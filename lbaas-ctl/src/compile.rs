@@ -1,0 +1,477 @@
+//! From desired state to data-path tables: the controller computes, the kernel only looks up.
+//!
+//! [`desired`] turns a validated [`Config`] into per-listener plans (VIP key, flags, and the
+//! weighted round-robin schedule over the pool's usable members). [`Programmer`] keeps what is
+//! live in the kernel and moves it to a new plan through the [`Tables`] trait in a
+//! make-before-break order: new members first, each changed schedule written into a free ring
+//! region beside the live one and switched with one VIP-table write, removals last.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use lbaas_common::{
+    ALGO_ROUND_ROBIN, MAX_LISTENERS, MAX_MEMBERS, MemberInfo, RING_SLOTS, VIP_F_L7_PASS, VipInfo,
+    VipKey,
+};
+
+use crate::config::Config;
+
+/// Identity of a listener: load balancer and listener names.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ListenerRef {
+    /// Load balancer name.
+    pub loadbalancer: String,
+    /// Listener name.
+    pub listener: String,
+}
+
+/// Identity of a member: load balancer, pool, address and port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MemberRef {
+    /// Load balancer name.
+    pub loadbalancer: String,
+    /// Pool name.
+    pub pool: String,
+    /// Member address.
+    pub addr: Ipv4Addr,
+    /// Member port.
+    pub port: u16,
+}
+
+/// What one listener needs in the data path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerPlan {
+    /// VIP table key.
+    pub vip: VipKey,
+    /// `VIP_F_*` flags.
+    pub flags: u32,
+    /// `ALGO_*`.
+    pub algorithm: u32,
+    /// Members in selection order; empty refuses new connections.
+    pub schedule: Vec<MemberRef>,
+}
+
+/// The data path a configuration asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredTables {
+    /// Every listener, including those with no usable member.
+    pub listeners: BTreeMap<ListenerRef, ListenerPlan>,
+    /// Every member of every pool a listener uses (drained and disabled ones too, so that
+    /// established flows keep their member).
+    pub members: BTreeSet<MemberRef>,
+}
+
+/// Computes the data-path tables of a validated configuration.
+pub fn desired(config: &Config) -> DesiredTables {
+    let mut out = DesiredTables::default();
+    for lb in &config.loadbalancers {
+        let Some(vip) = lb.vip() else { continue };
+        for listener in &lb.listeners {
+            let Ok(port) = u16::try_from(listener.protocol_port) else { continue };
+            let pool = listener.default_pool.as_deref().and_then(|name| lb.pool(name));
+            let mut schedule = Vec::new();
+            if let Some(pool) = pool {
+                let mut usable = Vec::new();
+                for member in &pool.members {
+                    let (Some(addr), Ok(port)) = (member.ipv4(), u16::try_from(member.protocol_port)) else {
+                        continue;
+                    };
+                    let member_ref = MemberRef {
+                        loadbalancer: lb.name.clone(),
+                        pool: pool.name.clone(),
+                        addr,
+                        port,
+                    };
+                    out.members.insert(member_ref.clone());
+                    if member.admin_state_up && member.weight > 0 {
+                        usable.push((member_ref, member.weight as u32));
+                    }
+                }
+                let enabled = lb.admin_state_up && listener.admin_state_up && pool.admin_state_up;
+                if enabled {
+                    let weights: Vec<u32> = usable.iter().map(|(_, w)| *w).collect();
+                    schedule = weighted_schedule(&weights)
+                        .into_iter()
+                        .map(|i| usable[i].0.clone())
+                        .collect();
+                }
+            }
+            let flags = if listener.protocol.is_l4() { 0 } else { VIP_F_L7_PASS };
+            out.listeners.insert(
+                ListenerRef {
+                    loadbalancer: lb.name.clone(),
+                    listener: listener.name.clone(),
+                },
+                ListenerPlan {
+                    vip: VipKey {
+                        addr: u32::from_ne_bytes(vip.octets()),
+                        port: port.to_be(),
+                        proto: listener.protocol.ip_protocol(),
+                        _pad: 0,
+                    },
+                    flags,
+                    algorithm: ALGO_ROUND_ROBIN,
+                    schedule,
+                },
+            );
+        }
+    }
+    out
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// Smooth weighted round robin (as nginx does it): returns member indices in the order new
+/// connections get them. The cycle is `sum(weights) / gcd(weights)` long, each member appears
+/// `weight / gcd` times, and a heavy member's turns are spread out rather than bunched.
+/// Zero weights are left out.
+pub fn weighted_schedule(weights: &[u32]) -> Vec<usize> {
+    let g = weights.iter().copied().filter(|w| *w > 0).fold(0, gcd);
+    if g == 0 {
+        return Vec::new();
+    }
+    let reduced: Vec<i64> = weights.iter().map(|w| i64::from(w / g)).collect();
+    let total: i64 = reduced.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut out = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = usize::MAX;
+        for (i, w) in reduced.iter().enumerate() {
+            if *w == 0 {
+                continue;
+            }
+            current[i] += w;
+            if best == usize::MAX || current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        out.push(best);
+    }
+    out
+}
+
+/// Writes to the kernel tables. Implemented over aya maps by `datapath`, and in memory for
+/// tests of the reconciler.
+pub trait Tables {
+    /// Sets a member slot.
+    fn set_member(&mut self, id: u32, info: MemberInfo) -> Result<(), TableError>;
+    /// Writes member ids into consecutive ring slots from `base`.
+    fn set_ring(&mut self, base: u32, member_ids: &[u32]) -> Result<(), TableError>;
+    /// Creates or replaces a VIP entry (the single write that switches a listener).
+    fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), TableError>;
+    /// Removes a VIP entry.
+    fn remove_vip(&mut self, key: VipKey) -> Result<(), TableError>;
+    /// Resets a listener's round-robin counter (a reused id starts afresh).
+    fn reset_counter(&mut self, listener_id: u32) -> Result<(), TableError>;
+}
+
+/// A failed table write or a exhausted table.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    /// A kernel map write failed.
+    #[error("writing map {map} failed: {message}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// The kernel's error.
+        message: String,
+    },
+    /// More listeners than the data path holds.
+    #[error("too many listeners: the data path holds {MAX_LISTENERS}")]
+    TooManyListeners,
+    /// More members than the data path holds.
+    #[error("too many members: the data path holds {MAX_MEMBERS}")]
+    TooManyMembers,
+    /// The schedules do not fit in the ring.
+    #[error("selection ring full: listener {listener} needs {needed} slots, {free} are free of {RING_SLOTS}")]
+    RingFull {
+        /// The listener.
+        listener: String,
+        /// Slots needed.
+        needed: u32,
+        /// Largest free region.
+        free: u32,
+    },
+}
+
+/// Hands out small integer ids, lowest free first.
+#[derive(Debug)]
+struct IdPool {
+    free: BTreeSet<u32>,
+    next: u32,
+    max: u32,
+}
+
+impl IdPool {
+    fn new(max: u32) -> Self {
+        Self {
+            free: BTreeSet::new(),
+            next: 0,
+            max,
+        }
+    }
+
+    fn take(&mut self) -> Option<u32> {
+        if let Some(id) = self.free.pop_first() {
+            return Some(id);
+        }
+        (self.next < self.max).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+
+    fn give_back(&mut self, id: u32) {
+        self.free.insert(id);
+    }
+}
+
+/// First-fit allocator of ring regions, coalescing freed neighbours.
+#[derive(Debug)]
+struct RingAllocator {
+    /// Free regions: start -> length.
+    free: BTreeMap<u32, u32>,
+}
+
+impl RingAllocator {
+    fn new(slots: u32) -> Self {
+        Self {
+            free: BTreeMap::from([(0, slots)]),
+        }
+    }
+
+    fn largest_free(&self) -> u32 {
+        self.free.values().copied().max().unwrap_or(0)
+    }
+
+    fn take(&mut self, len: u32) -> Option<u32> {
+        let (&start, &have) = self.free.iter().find(|(_, have)| **have >= len)?;
+        self.free.remove(&start);
+        if have > len {
+            self.free.insert(start + len, have - len);
+        }
+        Some(start)
+    }
+
+    fn give_back(&mut self, start: u32, len: u32) {
+        if len == 0 {
+            return;
+        }
+        let (mut start, mut len) = (start, len);
+        if let Some((&prev, &prev_len)) = self.free.range(..start).next_back() {
+            if prev + prev_len == start {
+                self.free.remove(&prev);
+                start = prev;
+                len += prev_len;
+            }
+        }
+        if let Some(next_len) = self.free.remove(&(start + len)) {
+            len += next_len;
+        }
+        self.free.insert(start, len);
+    }
+}
+
+/// A listener as it is live in the kernel.
+#[derive(Debug, Clone)]
+struct LiveListener {
+    id: u32,
+    vip: VipKey,
+    info: VipInfo,
+    schedule: Vec<u32>,
+}
+
+/// What an apply did to the tables, for logs.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ProgramSummary {
+    /// VIP entries written (new or switched).
+    pub vips_written: usize,
+    /// VIP entries removed.
+    pub vips_removed: usize,
+    /// Member slots written.
+    pub members_written: usize,
+    /// Member slots cleared.
+    pub members_removed: usize,
+}
+
+/// Keeps the kernel tables in step with desired state.
+#[derive(Debug)]
+pub struct Programmer {
+    listener_ids: IdPool,
+    member_ids: IdPool,
+    ring: RingAllocator,
+    listeners: BTreeMap<ListenerRef, LiveListener>,
+    /// Live members and their ids.
+    members: BTreeMap<MemberRef, u32>,
+    generation: u32,
+    /// Ring regions switched away from in the last apply. A CPU that read the old VIP entry
+    /// just before the switch may still be reading them, so they are reused only from the
+    /// next apply on.
+    quarantined: Vec<(u32, u32)>,
+}
+
+impl Default for Programmer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Programmer {
+    /// A programmer for empty tables.
+    pub fn new() -> Self {
+        Self {
+            listener_ids: IdPool::new(MAX_LISTENERS),
+            member_ids: IdPool::new(MAX_MEMBERS),
+            ring: RingAllocator::new(RING_SLOTS),
+            listeners: BTreeMap::new(),
+            members: BTreeMap::new(),
+            generation: 0,
+            quarantined: Vec::new(),
+        }
+    }
+
+    /// The member id given to a member, if it is live.
+    pub fn member_id(&self, member: &MemberRef) -> Option<u32> {
+        self.members.get(member).copied()
+    }
+
+    /// The listener id given to a listener, if it is live.
+    pub fn listener_id(&self, listener: &ListenerRef) -> Option<u32> {
+        self.listeners.get(listener).map(|l| l.id)
+    }
+
+    /// Moves the tables from what is live to `want`, make-before-break.
+    pub fn apply(
+        &mut self,
+        tables: &mut dyn Tables,
+        want: &DesiredTables,
+    ) -> Result<ProgramSummary, TableError> {
+        let mut summary = ProgramSummary::default();
+        for (base, len) in std::mem::take(&mut self.quarantined) {
+            self.ring.give_back(base, len);
+        }
+        // A key that a wanted listener uses is never removed, even if another listener
+        // (moved or deleted) used it before.
+        let wanted_vips: BTreeSet<VipKey> = want.listeners.values().map(|p| p.vip).collect();
+        // 1. New members get a slot before any schedule can name them.
+        for member in &want.members {
+            if self.members.contains_key(member) {
+                continue;
+            }
+            let id = self.member_ids.take().ok_or(TableError::TooManyMembers)?;
+            self.generation = self.generation.wrapping_add(1).max(1);
+            let info = MemberInfo {
+                addr: u32::from_ne_bytes(member.addr.octets()),
+                port: member.port.to_be(),
+                _pad: 0,
+                generation: self.generation,
+                flags: 0,
+            };
+            tables.set_member(id, info)?;
+            self.members.insert(member.clone(), id);
+            summary.members_written += 1;
+        }
+        // 2. Each new or changed listener: ring region beside the live one, then one switch.
+        for (listener, plan) in &want.listeners {
+            let schedule: Vec<u32> = plan
+                .schedule
+                .iter()
+                .map(|m| self.members[m])
+                .collect();
+            let live = self.listeners.get(listener).cloned();
+            if let Some(live) = &live {
+                if live.schedule == schedule
+                    && live.vip == plan.vip
+                    && live.info.flags == plan.flags
+                    && live.info.algorithm == plan.algorithm
+                {
+                    continue;
+                }
+            }
+            let id = match &live {
+                Some(live) => live.id,
+                None => {
+                    let id = self.listener_ids.take().ok_or(TableError::TooManyListeners)?;
+                    tables.reset_counter(id)?;
+                    id
+                }
+            };
+            let len = schedule.len() as u32;
+            let base = if len == 0 {
+                0
+            } else {
+                let base = self.ring.take(len).ok_or_else(|| TableError::RingFull {
+                    listener: format!("{}/{}", listener.loadbalancer, listener.listener),
+                    needed: len,
+                    free: self.ring.largest_free(),
+                })?;
+                tables.set_ring(base, &schedule)?;
+                base
+            };
+            let info = VipInfo {
+                listener_id: id,
+                flags: plan.flags,
+                algorithm: plan.algorithm,
+                ring_base: base,
+                ring_len: len,
+                _pad: 0,
+            };
+            tables.set_vip(plan.vip, info)?;
+            summary.vips_written += 1;
+            if let Some(live) = &live {
+                if live.vip != plan.vip && !wanted_vips.contains(&live.vip) {
+                    tables.remove_vip(live.vip)?;
+                }
+                // Nothing points at the old region any more; it is reused after a grace period.
+                self.quarantined.push((live.info.ring_base, live.info.ring_len));
+            }
+            self.listeners.insert(
+                listener.clone(),
+                LiveListener {
+                    id,
+                    vip: plan.vip,
+                    info,
+                    schedule,
+                },
+            );
+        }
+        // 3. Listeners that went away.
+        let gone: Vec<ListenerRef> = self
+            .listeners
+            .keys()
+            .filter(|l| !want.listeners.contains_key(*l))
+            .cloned()
+            .collect();
+        for listener in gone {
+            let live = self.listeners.remove(&listener).expect("listed above");
+            if !wanted_vips.contains(&live.vip) {
+                tables.remove_vip(live.vip)?;
+            }
+            self.quarantined.push((live.info.ring_base, live.info.ring_len));
+            self.listener_ids.give_back(live.id);
+            summary.vips_removed += 1;
+        }
+        // 4. Members no schedule names any more: cleared, so pinned flows are rescheduled.
+        let gone: Vec<MemberRef> = self
+            .members
+            .keys()
+            .filter(|m| !want.members.contains(*m))
+            .cloned()
+            .collect();
+        for member in gone {
+            let id = self.members.remove(&member).expect("listed above");
+            tables.set_member(id, MemberInfo::default())?;
+            self.member_ids.give_back(id);
+            summary.members_removed += 1;
+        }
+        Ok(summary)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,231 @@
+use std::collections::HashMap;
+
+use super::*;
+use crate::config;
+
+/// Kernel tables in memory. After every single write it checks what the data path could see
+/// at that instant: every VIP's ring region names only configured members.
+#[derive(Default)]
+struct MemoryTables {
+    members: HashMap<u32, MemberInfo>,
+    ring: HashMap<u32, u32>,
+    vips: HashMap<VipKey, VipInfo>,
+    writes: usize,
+}
+
+impl MemoryTables {
+    fn check_consistent(&self) {
+        for (key, info) in &self.vips {
+            for slot in info.ring_base..info.ring_base + info.ring_len {
+                let id = self.ring.get(&slot).unwrap_or_else(|| panic!("{key:?}: slot {slot} unwritten"));
+                let member = self.members.get(id).unwrap_or_else(|| panic!("{key:?}: member {id} unknown"));
+                assert_ne!(member.addr, 0, "{key:?}: slot {slot} names cleared member {id}");
+            }
+        }
+    }
+
+    /// Member addresses a listener's ring hands out, in order.
+    fn rotation(&self, key: &VipKey) -> Vec<(Ipv4Addr, u16)> {
+        let info = self.vips[key];
+        (info.ring_base..info.ring_base + info.ring_len)
+            .map(|slot| {
+                let m = self.members[&self.ring[&slot]];
+                (Ipv4Addr::from(m.addr.to_ne_bytes()), u16::from_be(m.port))
+            })
+            .collect()
+    }
+}
+
+impl Tables for MemoryTables {
+    fn set_member(&mut self, id: u32, info: MemberInfo) -> Result<(), TableError> {
+        self.members.insert(id, info);
+        self.writes += 1;
+        self.check_consistent();
+        Ok(())
+    }
+    fn set_ring(&mut self, base: u32, ids: &[u32]) -> Result<(), TableError> {
+        for (i, id) in ids.iter().enumerate() {
+            self.ring.insert(base + i as u32, *id);
+            self.writes += 1;
+            self.check_consistent();
+        }
+        Ok(())
+    }
+    fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), TableError> {
+        self.vips.insert(key, info);
+        self.writes += 1;
+        self.check_consistent();
+        Ok(())
+    }
+    fn remove_vip(&mut self, key: VipKey) -> Result<(), TableError> {
+        self.vips.remove(&key);
+        self.writes += 1;
+        Ok(())
+    }
+    fn reset_counter(&mut self, _listener_id: u32) -> Result<(), TableError> {
+        Ok(())
+    }
+}
+
+fn config(members: &str) -> Config {
+    let yaml = format!(
+        r#"
+loadbalancers:
+  - name: lb
+    vip_address: 10.9.0.1
+    listeners:
+      - {{name: web, protocol: TCP, protocol_port: 80, default_pool: p}}
+    pools:
+      - name: p
+        protocol: TCP
+        lb_algorithm: ROUND_ROBIN
+        members: {members}
+"#
+    );
+    config::load_str(&yaml, "t").expect("valid test config")
+}
+
+fn web_key() -> VipKey {
+    VipKey {
+        addr: u32::from_ne_bytes([10, 9, 0, 1]),
+        port: 80u16.to_be(),
+        proto: lbaas_common::IPPROTO_TCP,
+        _pad: 0,
+    }
+}
+
+fn ip(last: u8) -> (Ipv4Addr, u16) {
+    (Ipv4Addr::new(10, 9, 1, last), 8080)
+}
+
+#[test]
+fn equal_weights_alternate() {
+    assert_eq!(weighted_schedule(&[1, 1]), vec![0, 1]);
+    assert_eq!(weighted_schedule(&[1, 1, 1]), vec![0, 1, 2]);
+}
+
+#[test]
+fn weights_give_proportional_spread_out_turns() {
+    // 5:1:1 is nginx's own example; the heavy member's turns are spread out.
+    assert_eq!(weighted_schedule(&[5, 1, 1]), vec![0, 0, 1, 0, 2, 0, 0]);
+    let s = weighted_schedule(&[3, 1]);
+    assert_eq!(s.len(), 4);
+    assert_eq!(s.iter().filter(|i| **i == 0).count(), 3);
+    // Common factors are removed: 2:2 is one turn each.
+    assert_eq!(weighted_schedule(&[2, 2]), vec![0, 1]);
+    assert_eq!(weighted_schedule(&[256, 128]), vec![0, 1, 0]);
+}
+
+#[test]
+fn zero_weights_are_left_out() {
+    assert_eq!(weighted_schedule(&[0, 1, 0, 1]), vec![1, 3]);
+    assert!(weighted_schedule(&[0, 0]).is_empty());
+    assert!(weighted_schedule(&[]).is_empty());
+}
+
+#[test]
+fn schedule_counts_match_weights_for_many_members() {
+    let weights: Vec<u32> = (0..200).map(|i| 1 + (i * 37) % 256).collect();
+    let s = weighted_schedule(&weights);
+    let g = weights.iter().copied().fold(0, gcd);
+    for (i, w) in weights.iter().enumerate() {
+        assert_eq!(s.iter().filter(|x| **x == i).count() as u32, w / g);
+    }
+}
+
+#[test]
+fn programs_round_robin_ring_and_switches_make_before_break() {
+    let mut tables = MemoryTables::default();
+    let mut programmer = Programmer::new();
+    let first = config("[{address: 10.9.1.1, protocol_port: 8080}, {address: 10.9.1.2, protocol_port: 8080}]");
+    programmer.apply(&mut tables, &desired(&first)).unwrap();
+    assert_eq!(tables.rotation(&web_key()), vec![ip(1), ip(2)]);
+
+    // Replace member 1 with 3, weight 2 for member 2: checked after every write.
+    let second = config("[{address: 10.9.1.2, protocol_port: 8080, weight: 2}, {address: 10.9.1.3, protocol_port: 8080}]");
+    let summary = programmer.apply(&mut tables, &desired(&second)).unwrap();
+    assert_eq!(summary.vips_written, 1);
+    assert_eq!(summary.members_written, 1);
+    assert_eq!(summary.members_removed, 1);
+    assert_eq!(tables.rotation(&web_key()), vec![ip(2), ip(3), ip(2)]);
+    let removed = programmer.member_id(&MemberRef { loadbalancer: "lb".into(), pool: "p".into(), addr: ip(1).0, port: 8080 });
+    assert_eq!(removed, None);
+
+    // The same config again writes nothing.
+    let before = tables.writes;
+    assert_eq!(programmer.apply(&mut tables, &desired(&second)).unwrap(), ProgramSummary::default());
+    assert_eq!(tables.writes, before);
+}
+
+#[test]
+fn drained_and_disabled_members_keep_their_slot_but_get_no_turns() {
+    let mut tables = MemoryTables::default();
+    let mut programmer = Programmer::new();
+    let c = config("[{address: 10.9.1.1, protocol_port: 8080, weight: 0}, {address: 10.9.1.2, protocol_port: 8080, admin_state_up: false}, {address: 10.9.1.3, protocol_port: 8080}]");
+    programmer.apply(&mut tables, &desired(&c)).unwrap();
+    assert_eq!(tables.rotation(&web_key()), vec![ip(3)]);
+    let drained = MemberRef { loadbalancer: "lb".into(), pool: "p".into(), addr: ip(1).0, port: 8080 };
+    let id = programmer.member_id(&drained).expect("drained member keeps its slot");
+    assert_ne!(tables.members[&id].addr, 0);
+}
+
+#[test]
+fn no_usable_member_means_empty_ring() {
+    let mut tables = MemoryTables::default();
+    let mut programmer = Programmer::new();
+    programmer.apply(&mut tables, &desired(&config("[]"))).unwrap();
+    assert_eq!(tables.vips[&web_key()].ring_len, 0);
+}
+
+#[test]
+fn removed_listener_frees_its_vip_and_ring() {
+    let mut tables = MemoryTables::default();
+    let mut programmer = Programmer::new();
+    programmer.apply(&mut tables, &desired(&config("[{address: 10.9.1.1, protocol_port: 8080}]"))).unwrap();
+    programmer.apply(&mut tables, &desired(&Config::default())).unwrap();
+    assert!(tables.vips.is_empty());
+    // Freed regions are reused only from the next apply on (readers may still be in them).
+    assert!(programmer.ring.largest_free() < RING_SLOTS);
+    programmer.apply(&mut tables, &desired(&Config::default())).unwrap();
+    assert!(tables.members.values().all(|m| m.addr == 0));
+    assert_eq!(programmer.ring.largest_free(), RING_SLOTS);
+}
+
+#[test]
+fn listener_taking_over_a_deleted_listeners_port_keeps_it() {
+    let two = |a: u16, b: Option<u16>| {
+        let second = b.map(|p| format!("      - {{name: b, protocol: TCP, protocol_port: {p}, default_pool: p}}\n")).unwrap_or_default();
+        config::load_str(&format!("loadbalancers:\n  - name: lb\n    vip_address: 10.9.0.1\n    listeners:\n      - {{name: a, protocol: TCP, protocol_port: {a}, default_pool: p}}\n{second}    pools:\n      - {{name: p, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: [{{address: 10.9.1.1, protocol_port: 8080}}]}}\n"), "t").unwrap()
+    };
+    let mut tables = MemoryTables::default();
+    let mut programmer = Programmer::new();
+    programmer.apply(&mut tables, &desired(&two(81, Some(80)))).unwrap();
+    programmer.apply(&mut tables, &desired(&two(80, None))).unwrap();
+    assert_eq!(tables.vips.len(), 1);
+    assert!(tables.vips.contains_key(&web_key()), "port 80 must stay served");
+}
+
+#[test]
+fn ring_allocator_coalesces() {
+    let mut ring = RingAllocator::new(100);
+    let a = ring.take(30).unwrap();
+    let b = ring.take(30).unwrap();
+    let c = ring.take(40).unwrap();
+    assert_eq!(ring.take(1), None);
+    ring.give_back(b, 30);
+    ring.give_back(a, 30);
+    assert_eq!(ring.largest_free(), 60);
+    ring.give_back(c, 40);
+    assert_eq!(ring.largest_free(), 100);
+}
+
+#[test]
+fn ring_full_is_a_clear_error() {
+    let mut tables = MemoryTables::default();
+    let mut programmer = Programmer::new();
+    programmer.ring = RingAllocator::new(2);
+    let err = programmer
+        .apply(&mut tables, &desired(&config("[{address: 10.9.1.1, protocol_port: 8080, weight: 3}, {address: 10.9.1.2, protocol_port: 8080}]")))
+        .unwrap_err();
+    assert_eq!(err.to_string(), format!("selection ring full: listener lb/web needs 4 slots, 2 are free of {RING_SLOTS}"));
+}
