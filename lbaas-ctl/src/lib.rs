@@ -7,8 +7,11 @@
 //! [`daemon`] and [`render`] (CLI output).
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod compile;
 pub mod config;
+pub mod daemon;
 pub mod datapath;
 pub mod diff;
 pub mod net;
+pub mod render;

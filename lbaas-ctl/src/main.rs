@@ -1,1 +1,204 @@
-fn main(){}
+//! `lbaas-ctl`: the lbaas daemon and its command-line client.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use lbaas_ctl::{
+    api::{ApplyRequest, Client},
+    config, daemon,
+    datapath::LoadOptions,
+    diff,
+    render::{self, Format, Kind},
+};
+
+/// Load balancing as a service: an XDP data path programmed from Octavia-style YAML.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The daemon's API socket.
+    #[arg(long, global = true, env = "LBAAS_SOCKET", default_value = "/run/lbaas/lbaas.sock")]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the data path, restore the saved state and serve the API.
+    Daemon {
+        /// Client-facing interface: XDP is attached and VIPs are added here.
+        #[arg(long)]
+        interface: String,
+        /// Member-facing interface (two-arm nat mode): XDP is attached here too.
+        #[arg(long)]
+        member_interface: Option<String>,
+        /// Where the applied state is kept.
+        #[arg(long, default_value = "/var/lib/lbaas")]
+        state_dir: PathBuf,
+        /// Entries in each of the connection and reverse-NAT tables.
+        #[arg(long, default_value_t = lbaas_common::DEFAULT_CONNTRACK_SIZE)]
+        conntrack_size: u32,
+        /// Log format.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Make each load balancer named in FILE match it exactly.
+    Apply {
+        /// The YAML file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Also delete load balancers that FILE does not name.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Show what `apply` would change.
+    Diff {
+        /// The YAML file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// As with `apply --prune`.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Check a file offline (no daemon needed).
+    Validate {
+        /// The YAML file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List objects.
+    Get {
+        /// What to list.
+        #[arg(value_enum)]
+        kind: Kind,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Delete a load balancer and everything under it.
+    Delete {
+        /// Load balancer name.
+        name: String,
+    },
+    /// Show data-path counters per listener.
+    Stats {
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn print_changes(changes: &[diff::Change], nothing: &str) {
+    if changes.is_empty() {
+        println!("{nothing}");
+    }
+    for change in changes {
+        println!("{change}");
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::new(&cli.socket);
+    match cli.command {
+        Command::Daemon {
+            interface,
+            member_interface,
+            state_dir,
+            conntrack_size,
+            log_format,
+        } => {
+            init_logging(log_format);
+            daemon::run(daemon::Options {
+                interface,
+                member_interface,
+                socket: cli.socket,
+                state_dir,
+                load: LoadOptions { conntrack_size },
+            })
+            .await
+        }
+        Command::Validate { file } => {
+            let config = config::load_file(&file)?;
+            println!(
+                "{}: valid ({} load balancer(s))",
+                file.display(),
+                config.loadbalancers.len()
+            );
+            Ok(())
+        }
+        Command::Apply { file, prune } => {
+            // Validated here first so that errors need no daemon; the daemon checks again.
+            config::load_file(&file)?;
+            let yaml = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let request = ApplyRequest {
+                yaml,
+                origin: file.display().to_string(),
+            };
+            let response = client.apply(&request, prune).await?;
+            print_changes(&response.changes, "no changes");
+            Ok(())
+        }
+        Command::Diff { file, prune } => {
+            let wanted = config::load_file(&file)?;
+            let running = client.config().await?;
+            let merged = diff::merge(&running, &wanted, prune);
+            print_changes(&diff::diff(&running, &merged), "no changes");
+            Ok(())
+        }
+        Command::Get { kind, output } => {
+            let running = client.config().await?;
+            print!("{}", render::rows(&running, kind).render(output));
+            Ok(())
+        }
+        Command::Delete { name } => {
+            let response = client.delete(&name).await?;
+            print_changes(&response.changes, "no changes");
+            Ok(())
+        }
+        Command::Stats { output } => {
+            let stats = client.stats().await?;
+            match output {
+                Format::Table => {
+                    print!("{}", render::stats_rows(&stats).to_table());
+                    println!();
+                    for (name, value) in &stats.datapath {
+                        println!("{name:<20} {value}");
+                    }
+                }
+                Format::Json => println!("{}", serde_json::to_string_pretty(&stats)?),
+                Format::Yaml => print!("{}", serde_yaml_ng::to_string(&stats)?),
+            }
+            Ok(())
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! The control API: HTTP/1.1 with JSON bodies on the daemon's Unix socket, and its client.
+//!
+//! | method and path                 | body in            | body out                       |
+//! |---------------------------------|--------------------|--------------------------------|
+//! | `GET /v1/config`                |                    | the running [`Config`]         |
+//! | `POST /v1/apply?prune=true`     | [`ApplyRequest`]   | [`ApplyResponse`]              |
+//! | `DELETE /v1/loadbalancers/NAME` |                    | [`ApplyResponse`]              |
+//! | `GET /v1/stats`                 |                    | [`StatsResponse`]              |
+//!
+//! Errors come back with a 4xx/5xx status and an [`ErrorResponse`].
+
+use std::{future::Future, path::Path, pin::Pin, sync::Arc};
+
+use http_body_util::{BodyExt as _, Full};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::{
+    config::{Config, ValidationError},
+    diff::Change,
+};
+
+/// Body of `POST /v1/apply`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ApplyRequest {
+    /// The YAML text, validated again by the daemon.
+    pub yaml: String,
+    /// Where it came from, for error messages.
+    pub origin: String,
+}
+
+/// Answer to a change.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ApplyResponse {
+    /// Objects created, updated, deleted.
+    pub changes: Vec<Change>,
+}
+
+/// An error answer.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    /// What went wrong.
+    pub error: String,
+    /// Validation errors with their YAML paths, when the input was invalid.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<ValidationError>,
+}
+
+/// Counters of one listener.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ListenerCounters {
+    /// Load balancer name.
+    pub loadbalancer: String,
+    /// Listener name.
+    pub listener: String,
+    /// Packets client -> member.
+    pub packets_in: u64,
+    /// IP bytes client -> member.
+    pub bytes_in: u64,
+    /// Packets member -> client.
+    pub packets_out: u64,
+    /// IP bytes member -> client.
+    pub bytes_out: u64,
+    /// New flows.
+    pub total_connections: u64,
+}
+
+/// Body of `GET /v1/stats`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct StatsResponse {
+    /// Global data-path counters by name.
+    pub datapath: Vec<(String, u64)>,
+    /// Per-listener counters.
+    pub listeners: Vec<ListenerCounters>,
+}
+
+/// An API failure as the handler reports it.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Message.
+    pub message: String,
+    /// Validation errors, if any.
+    pub errors: Vec<ValidationError>,
+}
+
+impl ApiError {
+    /// An error with a status and message.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            errors: Vec::new(),
+        }
+    }
+}
+
+/// What the daemon does for each request.
+pub trait Handler: Send + Sync + 'static {
+    /// The running configuration.
+    fn config(&self) -> impl Future<Output = Config> + Send;
+    /// Applies a YAML document.
+    fn apply(&self, request: ApplyRequest, prune: bool) -> impl Future<Output = Result<ApplyResponse, ApiError>> + Send;
+    /// Deletes one load balancer.
+    fn delete(&self, name: String) -> impl Future<Output = Result<ApplyResponse, ApiError>> + Send;
+    /// Reads the counters.
+    fn stats(&self) -> impl Future<Output = Result<StatsResponse, ApiError>> + Send;
+}
+
+fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(bytes)))
+        .expect("static response parts are valid")
+}
+
+fn error_response(e: ApiError) -> Response<Full<Bytes>> {
+    json_response(
+        e.status,
+        &ErrorResponse {
+            error: e.message,
+            errors: e.errors,
+        },
+    )
+}
+
+async fn route<H: Handler>(handler: Arc<H>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let prune = request
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "prune=true"));
+    let result = match (&method, path.as_str()) {
+        (&Method::GET, "/v1/config") => Ok(json_response(StatusCode::OK, &handler.config().await)),
+        (&Method::POST, "/v1/apply") => match read_json::<ApplyRequest>(request).await {
+            Ok(body) => handler.apply(body, prune).await.map(|r| json_response(StatusCode::OK, &r)),
+            Err(e) => Err(e),
+        },
+        (&Method::GET, "/v1/stats") => handler.stats().await.map(|r| json_response(StatusCode::OK, &r)),
+        (&Method::DELETE, p) if p.starts_with("/v1/loadbalancers/") => {
+            let name = p.trim_start_matches("/v1/loadbalancers/").to_string();
+            handler.delete(name).await.map(|r| json_response(StatusCode::OK, &r))
+        }
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {method} {path}"))),
+    };
+    result.unwrap_or_else(error_response)
+}
+
+async fn read_json<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T, ApiError> {
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("reading request body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("request body: {e}")))
+}
+
+/// Serves the API on `listener` until the future is dropped.
+pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting an API connection failed");
+                continue;
+            }
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let handler = handler.clone();
+                async move { Ok::<_, std::convert::Infallible>(route(handler, request).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "API connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Why a CLI request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No daemon listens on the socket.
+    #[error("cannot reach the daemon at {socket}: {source} (is `lbaas-ctl daemon` running? see --socket)")]
+    Connect {
+        /// Socket path.
+        socket: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
+    #[error("talking to the daemon: {0}")]
+    Http(#[from] hyper::Error),
+    /// The daemon refused the request.
+    #[error("{}", render_error(.0))]
+    Refused(ErrorResponse),
+    /// The answer was not what was expected.
+    #[error("unexpected answer from the daemon: {0}")]
+    Decode(String),
+}
+
+fn render_error(e: &ErrorResponse) -> String {
+    let mut out = e.error.clone();
+    for v in &e.errors {
+        out.push_str(&format!("\n  {v}"));
+    }
+    out
+}
+
+/// A client of the daemon's API.
+pub struct Client {
+    socket: std::path::PathBuf,
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+impl Client {
+    /// A client for the daemon at `socket`.
+    pub fn new(socket: &Path) -> Self {
+        Self {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    fn call<'a, T: DeserializeOwned + 'a>(
+        &'a self,
+        method: Method,
+        path: &'a str,
+        body: Option<Vec<u8>>,
+    ) -> BoxFuture<'a, Result<T, ClientError>> {
+        Box::pin(async move {
+            let stream = UnixStream::connect(&self.socket).await.map_err(|source| ClientError::Connect {
+                socket: self.socket.display().to_string(),
+                source,
+            })?;
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(connection);
+            let request = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "lbaas")
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                .map_err(|e| ClientError::Decode(e.to_string()))?;
+            let response = sender.send_request(request).await?;
+            let status = response.status();
+            let bytes = response.into_body().collect().await?.to_bytes();
+            if !status.is_success() {
+                let error = serde_json::from_slice::<ErrorResponse>(&bytes).unwrap_or_else(|_| ErrorResponse {
+                    error: format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)),
+                    errors: Vec::new(),
+                });
+                return Err(ClientError::Refused(error));
+            }
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+        })
+    }
+
+    /// The running configuration.
+    pub async fn config(&self) -> Result<Config, ClientError> {
+        self.call(Method::GET, "/v1/config", None).await
+    }
+
+    /// Applies a YAML document.
+    pub async fn apply(&self, request: &ApplyRequest, prune: bool) -> Result<ApplyResponse, ClientError> {
+        let path = if prune { "/v1/apply?prune=true" } else { "/v1/apply" };
+        let body = serde_json::to_vec(request).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    /// Deletes a load balancer.
+    pub async fn delete(&self, name: &str) -> Result<ApplyResponse, ClientError> {
+        let path = format!("/v1/loadbalancers/{name}");
+        self.call(Method::DELETE, &path, None).await
+    }
+
+    /// Reads the counters.
+    pub async fn stats(&self) -> Result<StatsResponse, ClientError> {
+        self.call(Method::GET, "/v1/stats", None).await
+    }
+}

@@ -1,0 +1,321 @@
+//! The daemon: owns the data path, applies configurations, persists them, serves the API.
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::Context as _;
+use hyper::StatusCode;
+use serde::{Deserialize, Serialize};
+use tokio::{net::UnixListener, signal::unix::SignalKind, sync::Mutex};
+
+use crate::{
+    api::{self, ApiError, ApplyRequest, ApplyResponse, ListenerCounters, StatsResponse},
+    compile::{self, ListenerRef, Programmer},
+    config::{self, Config, ConfigError},
+    datapath::{AttachMode, Datapath, GLOBAL_STAT_NAMES, LoadOptions},
+    diff::{self, Change},
+    net::VipAddresses,
+};
+
+/// How the daemon runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Client-facing interface: XDP attached, VIPs added here.
+    pub interface: String,
+    /// Member-facing interface (two-arm mode); XDP attached here too.
+    pub member_interface: Option<String>,
+    /// The API socket.
+    pub socket: PathBuf,
+    /// Where the applied state is kept.
+    pub state_dir: PathBuf,
+    /// Data-path options.
+    pub load: LoadOptions,
+}
+
+/// What the daemon persists.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    /// The applied configuration.
+    config: Config,
+    /// VIP addresses this daemon added to the interface (and so may remove).
+    owned_addresses: BTreeSet<Ipv4Addr>,
+}
+
+const STATE_FILE: &str = "state.json";
+
+/// The daemon's mutable core, behind one lock: applies are serialized.
+struct Controller {
+    datapath: Datapath,
+    programmer: Programmer,
+    state: State,
+    addresses: VipAddresses,
+    state_path: PathBuf,
+}
+
+fn read_state(path: &Path) -> anyhow::Result<State> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+            format!("state file {} is corrupt; refusing to start (move it away to start empty)", path.display())
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+        Err(e) => Err(e).with_context(|| format!("reading state file {}", path.display())),
+    }
+}
+
+/// Writes a file atomically: temporary file, fsync, rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn vips(config: &Config) -> BTreeSet<Ipv4Addr> {
+    config.loadbalancers.iter().filter_map(|lb| lb.vip()).collect()
+}
+
+impl Controller {
+    /// Programs the data path and the addresses for `new`, then persists it.
+    async fn commit(&mut self, new: Config) -> Result<Vec<Change>, ApiError> {
+        let errors = config::validate(&new);
+        if !errors.is_empty() {
+            return Err(ApiError {
+                status: StatusCode::BAD_REQUEST,
+                message: format!("the resulting configuration is invalid: {} error(s)", errors.len()),
+                errors,
+            });
+        }
+        let changes = diff::diff(&self.state.config, &new);
+        let summary = self
+            .programmer
+            .apply(self.datapath.tables(), &compile::desired(&new))
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        self.sync_addresses(&vips(&new)).await?;
+        self.state.config = new;
+        self.persist()?;
+        tracing::info!(
+            changes = changes.len(),
+            vips_written = summary.vips_written,
+            vips_removed = summary.vips_removed,
+            members_written = summary.members_written,
+            members_removed = summary.members_removed,
+            "applied: {}",
+            changes.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        );
+        Ok(changes)
+    }
+
+    async fn sync_addresses(&mut self, wanted: &BTreeSet<Ipv4Addr>) -> Result<(), ApiError> {
+        let fail = |e: crate::net::NetError| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+        for addr in wanted {
+            if self.addresses.add(*addr).await.map_err(fail)? {
+                tracing::info!(%addr, "VIP address added");
+                self.state.owned_addresses.insert(*addr);
+            }
+        }
+        let stale: Vec<Ipv4Addr> = self.state.owned_addresses.difference(wanted).copied().collect();
+        for addr in stale {
+            self.addresses.remove(addr).await.map_err(fail)?;
+            tracing::info!(%addr, "VIP address removed");
+            self.state.owned_addresses.remove(&addr);
+        }
+        Ok(())
+    }
+
+    fn persist(&self) -> Result<(), ApiError> {
+        let bytes = serde_json::to_vec_pretty(&self.state)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        write_atomic(&self.state_path, &bytes).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("writing {}: {e}", self.state_path.display()),
+            )
+        })
+    }
+
+    fn stats(&self) -> Result<StatsResponse, ApiError> {
+        let fail = |e: crate::datapath::DatapathError| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+        let global = self.datapath.global_stats().map_err(fail)?;
+        let mut listeners = Vec::new();
+        for lb in &self.state.config.loadbalancers {
+            for l in &lb.listeners {
+                let key = ListenerRef {
+                    loadbalancer: lb.name.clone(),
+                    listener: l.name.clone(),
+                };
+                let Some(id) = self.programmer.listener_id(&key) else { continue };
+                let s = self.datapath.listener_stats(id).map_err(fail)?;
+                listeners.push(ListenerCounters {
+                    loadbalancer: lb.name.clone(),
+                    listener: l.name.clone(),
+                    packets_in: s.packets_in,
+                    bytes_in: s.bytes_in,
+                    packets_out: s.packets_out,
+                    bytes_out: s.bytes_out,
+                    total_connections: s.new_flows,
+                });
+            }
+        }
+        Ok(StatsResponse {
+            datapath: GLOBAL_STAT_NAMES
+                .iter()
+                .zip(global)
+                .map(|(name, value)| (name.to_string(), value))
+                .collect(),
+            listeners,
+        })
+    }
+}
+
+struct Daemon {
+    controller: Mutex<Controller>,
+}
+
+impl api::Handler for Daemon {
+    async fn config(&self) -> Config {
+        self.controller.lock().await.state.config.clone()
+    }
+
+    async fn apply(&self, request: ApplyRequest, prune: bool) -> Result<ApplyResponse, ApiError> {
+        let file = config::load_str(&request.yaml, &request.origin).map_err(|e| match e {
+            ConfigError::Invalid { origin, errors } => ApiError {
+                status: StatusCode::BAD_REQUEST,
+                message: format!("{origin}: {} error(s)", errors.len()),
+                errors,
+            },
+            other => ApiError::new(StatusCode::BAD_REQUEST, other.to_string()),
+        })?;
+        let mut controller = self.controller.lock().await;
+        let merged = diff::merge(&controller.state.config, &file, prune);
+        let changes = controller.commit(merged).await?;
+        Ok(ApplyResponse { changes })
+    }
+
+    async fn delete(&self, name: String) -> Result<ApplyResponse, ApiError> {
+        let mut controller = self.controller.lock().await;
+        let Some(new) = diff::remove(&controller.state.config, &name) else {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no load balancer named {name:?}")));
+        };
+        let changes = controller.commit(new).await?;
+        Ok(ApplyResponse { changes })
+    }
+
+    async fn stats(&self) -> Result<StatsResponse, ApiError> {
+        self.controller.lock().await.stats()
+    }
+}
+
+fn warn_if_not_forwarding() {
+    match std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward") {
+        Ok(v) if v.trim() == "1" => {}
+        _ => tracing::warn!(
+            "net.ipv4.ip_forward is off: XDP forwards established flows, but packets handed to the \
+             host stack (first packets before the neighbour is known) will not be routed"
+        ),
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&options.state_dir)
+        .with_context(|| format!("creating state dir {}", options.state_dir.display()))?;
+    let state_path = options.state_dir.join(STATE_FILE);
+    let saved = read_state(&state_path)?;
+    let errors = config::validate(&saved.config);
+    anyhow::ensure!(
+        errors.is_empty(),
+        "state file {} holds an invalid configuration; refusing to start:\n{}",
+        state_path.display(),
+        errors.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n")
+    );
+
+    let mut datapath = Datapath::load(options.load)?;
+    let mut interfaces = vec![options.interface.clone()];
+    if let Some(member) = &options.member_interface {
+        if member != &options.interface {
+            interfaces.push(member.clone());
+        }
+    }
+    for interface in &interfaces {
+        let mode = datapath.attach(interface)?;
+        match mode {
+            AttachMode::Native => tracing::info!(%interface, "XDP attached in native (driver) mode"),
+            AttachMode::Generic => tracing::warn!(%interface, "driver has no native XDP: attached in generic (skb) mode"),
+        }
+    }
+    warn_if_not_forwarding();
+    let addresses = VipAddresses::new(&options.interface)?;
+    let mut controller = Controller {
+        datapath,
+        programmer: Programmer::new(),
+        state: State {
+            config: Config::default(),
+            owned_addresses: saved.owned_addresses,
+        },
+        addresses,
+        state_path,
+    };
+    if !saved.config.loadbalancers.is_empty() {
+        let n = saved.config.loadbalancers.len();
+        controller
+            .commit(saved.config)
+            .await
+            .map_err(|e| anyhow::anyhow!("restoring the saved state: {e}"))?;
+        tracing::info!(loadbalancers = n, "restored saved state");
+    }
+
+    if let Some(dir) = options.socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(&options.socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale socket {}", options.socket.display())),
+    }
+    let listener = UnixListener::bind(&options.socket)
+        .with_context(|| format!("binding API socket {}", options.socket.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&options.socket, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let daemon = Arc::new(Daemon {
+        controller: Mutex::new(controller),
+    });
+    tracing::info!(socket = %options.socket.display(), interfaces = ?interfaces, "lbaas daemon ready");
+
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    tokio::select! {
+        () = api::serve(listener, daemon.clone()) => {}
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+
+    let mut controller = daemon.controller.lock().await;
+    let owned: Vec<Ipv4Addr> = controller.state.owned_addresses.iter().copied().collect();
+    for addr in owned {
+        match controller.addresses.remove(addr).await {
+            Ok(()) => {
+                controller.state.owned_addresses.remove(&addr);
+            }
+            Err(e) => tracing::warn!(%addr, error = %e, "could not remove VIP address"),
+        }
+    }
+    if let Err(e) = controller.persist() {
+        tracing::warn!(error = %e, "could not save state on shutdown");
+    }
+    controller.datapath.detach_all()?;
+    let _ = std::fs::remove_file(&options.socket);
+    tracing::info!("stopped");
+    Ok(())
+}
