@@ -1,0 +1,271 @@
+//! End-to-end tests: the real daemon and XDP program on veth links between network namespaces,
+//! real HTTP and UDP servers on the members, real clients (curl, a UDP socket). Root only.
+
+mod common;
+
+use std::{
+    path::PathBuf,
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use common::topology::{self, CLIENT_ADDR, LB_CLIENT_SIDE_ADDR, Topology, VIP, member_addr, wait_until};
+
+const CTL: &str = env!("CARGO_BIN_EXE_lbaas-ctl");
+
+/// The daemon running in the topology's LB namespace.
+struct Daemon {
+    pid: u32,
+    socket: PathBuf,
+    state_dir: PathBuf,
+}
+
+fn start_daemon(topo: &mut Topology, state_dir: &str) -> Daemon {
+    let socket = topo.path("lbaas.sock");
+    let state_dir = topo.path(state_dir);
+    let _ = std::fs::remove_file(&socket);
+    let lb = topo.lb();
+    let pid = topo.spawn(
+        &lb,
+        &[
+            CTL,
+            "--socket",
+            socket.to_str().unwrap(),
+            "daemon",
+            "--interface",
+            "lan0",
+            "--member-interface",
+            "mem0",
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+        ],
+        "daemon.log",
+    );
+    let daemon = Daemon { pid, socket, state_dir };
+    wait_until(Duration::from_secs(20), "the daemon's API socket", || {
+        ctl(&daemon, &["get", "loadbalancers"]).status.success()
+    });
+    daemon
+}
+
+fn ctl(daemon: &Daemon, args: &[&str]) -> Output {
+    Command::new(CTL)
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run lbaas-ctl")
+}
+
+fn ctl_ok(daemon: &Daemon, args: &[&str]) -> String {
+    let out = ctl(daemon, args);
+    assert!(
+        out.status.success(),
+        "lbaas-ctl {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Writes a one-load-balancer file with the given listeners and pools blocks.
+fn write_config(topo: &Topology, name: &str, body: &str) -> String {
+    let path = topo.path(name);
+    std::fs::write(&path, format!("loadbalancers:\n  - name: lb1\n    vip_address: {VIP}\n{body}")).unwrap();
+    path.display().to_string()
+}
+
+fn http_pool(members: &[usize]) -> String {
+    let mut out = String::from(
+        "    listeners:\n      - {name: web, protocol: TCP, protocol_port: 80, default_pool: web-pool}\n    pools:\n      - name: web-pool\n        protocol: TCP\n        lb_algorithm: ROUND_ROBIN\n        members:\n",
+    );
+    for i in members {
+        out.push_str(&format!("          - {{name: m{i}, address: {}, protocol_port: 80}}\n", member_addr(*i)));
+    }
+    out
+}
+
+fn vip_on_interface(topo: &Topology) -> bool {
+    let out = topo.exec(&topo.lb(), &["ip", "-4", "addr", "show", "dev", "lan0"]);
+    String::from_utf8_lossy(&out.stdout).contains(&format!("{VIP}/32"))
+}
+
+fn curls(topo: &Topology, n: usize) -> Vec<String> {
+    let url = format!("http://{VIP}/");
+    (0..n)
+        .map(|i| {
+            topo.curl(&url).unwrap_or_else(|e| {
+                panic!("curl #{i} failed: {e}\ndaemon log:\n{}", topo.log("daemon.log"))
+            })
+        })
+        .collect()
+}
+
+fn forwarded_by_xdp(daemon: &Daemon) -> u64 {
+    let stats: serde_json::Value = serde_json::from_str(&ctl_ok(daemon, &["stats", "-o", "json"])).unwrap();
+    stats["datapath"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|kv| kv[0] == "forwarded")
+        .and_then(|kv| kv[1].as_u64())
+        .unwrap()
+}
+
+#[test]
+fn round_robin_alternates_between_http_members() {
+    topology::require_root();
+    let mut topo = Topology::new("rr", 2);
+    topo.start_http_member(1);
+    topo.start_http_member(2);
+    let daemon = start_daemon(&mut topo, "state");
+    let file = write_config(&topo, "lb.yaml", &http_pool(&[1, 2]));
+    let out = ctl_ok(&daemon, &["apply", "-f", &file]);
+    assert!(out.contains("+ loadbalancer lb1"), "{out}");
+    assert!(vip_on_interface(&topo), "the daemon adds the VIP as a /32 on the client interface");
+
+    let answers = curls(&topo, 6);
+    assert_eq!(answers, ["member-1", "member-2", "member-1", "member-2", "member-1", "member-2"]);
+    // The data path, not the host stack, did the forwarding.
+    assert!(forwarded_by_xdp(&daemon) > 0, "no packet was forwarded by XDP");
+    let stats: serde_json::Value = serde_json::from_str(&ctl_ok(&daemon, &["stats", "-o", "json"])).unwrap();
+    assert_eq!(stats["listeners"][0]["total_connections"], 6, "{stats}");
+
+    let members = ctl_ok(&daemon, &["get", "members"]);
+    assert!(members.contains(&member_addr(1)) && members.contains(&member_addr(2)), "{members}");
+    let diff = ctl_ok(&daemon, &["diff", "-f", &file]);
+    assert_eq!(diff.trim(), "no changes");
+}
+
+#[test]
+fn udp_listener_forwards_datagrams_and_replies_come_from_the_vip() {
+    topology::require_root();
+    let mut topo = Topology::new("udp", 2);
+    topo.start_udp_member(1);
+    topo.start_udp_member(2);
+    let daemon = start_daemon(&mut topo, "state");
+    let mut body = String::from(
+        "    listeners:\n      - {name: dns, protocol: UDP, protocol_port: 53, default_pool: dns-pool}\n    pools:\n      - name: dns-pool\n        protocol: UDP\n        lb_algorithm: ROUND_ROBIN\n        members:\n",
+    );
+    for i in 1..=2 {
+        body.push_str(&format!("          - {{address: {}, protocol_port: 5353}}\n", member_addr(i)));
+    }
+    let file = write_config(&topo, "udp.yaml", &body);
+    ctl_ok(&daemon, &["apply", "-f", &file]);
+
+    // A connected UDP socket only accepts datagrams whose source is VIP:53, so a reply that
+    // was not reverse-translated would time out here.
+    let script = format!(
+        "import socket\nfor i in range(4):\n s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n \
+         s.settimeout(3)\n s.connect(('{VIP}',53))\n s.send(b'ping%d'%i)\n print(s.recv(2048).decode())\n s.close()\n"
+    );
+    let out = topo.exec(&topo.client(), &["/usr/bin/python3", "-c", &script]);
+    assert!(
+        out.status.success(),
+        "UDP client failed: {}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        topo.log("daemon.log")
+    );
+    let replies: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(replies, ["member-1:ping0", "member-2:ping1", "member-1:ping2", "member-2:ping3"]);
+}
+
+#[test]
+fn the_lb_host_keeps_working() {
+    topology::require_root();
+    let mut topo = Topology::new("host", 1);
+    topo.start_http_member(1);
+    let daemon = start_daemon(&mut topo, "state");
+    ctl_ok(&daemon, &["apply", "-f", &write_config(&topo, "lb.yaml", &http_pool(&[1]))]);
+    // A service of the LB host itself, on a port no listener owns, on every address.
+    let lb = topo.lb();
+    let root = topo.path("hostwww");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("index.html"), "lb-host\n").unwrap();
+    topo.spawn(
+        &lb,
+        &["/usr/bin/python3", "-m", "http.server", "8081", "--directory", root.to_str().unwrap()],
+        "host-http.log",
+    );
+    topo.wait_tcp(&lb, "0.0.0.0", 8081);
+
+    let client = topo.client();
+    for target in [LB_CLIENT_SIDE_ADDR, VIP] {
+        let ping = topo.exec(&client, &["ping", "-c", "1", "-W", "2", target]);
+        assert!(ping.status.success(), "ping {target} failed: {}", String::from_utf8_lossy(&ping.stdout));
+    }
+    assert_eq!(topo.curl(&format!("http://{LB_CLIENT_SIDE_ADDR}:8081/")).unwrap(), "lb-host");
+    assert_eq!(topo.curl(&format!("http://{VIP}:8081/")).unwrap(), "lb-host");
+    // And the listener still balances.
+    assert_eq!(curls(&topo, 2), ["member-1", "member-1"]);
+    let _ = CLIENT_ADDR;
+}
+
+#[test]
+fn apply_changes_members_live_and_invalid_files_change_nothing() {
+    topology::require_root();
+    let mut topo = Topology::new("apply", 2);
+    topo.start_http_member(1);
+    topo.start_http_member(2);
+    let daemon = start_daemon(&mut topo, "state");
+    ctl_ok(&daemon, &["apply", "-f", &write_config(&topo, "one.yaml", &http_pool(&[1]))]);
+    assert_eq!(curls(&topo, 3), ["member-1", "member-1", "member-1"]);
+
+    let out = ctl_ok(&daemon, &["apply", "-f", &write_config(&topo, "two.yaml", &http_pool(&[2]))]);
+    assert!(out.contains("+ member lb1/web-pool/10.77.2.12:80"), "{out}");
+    assert!(out.contains("- member lb1/web-pool/10.77.2.11:80"), "{out}");
+    assert_eq!(curls(&topo, 3), ["member-2", "member-2", "member-2"]);
+
+    // An invalid file: every error with its path, non-zero exit, nothing changed.
+    let bad = write_config(
+        &topo,
+        "bad.yaml",
+        &http_pool(&[1]).replace("protocol_port: 80, default", "protocol_port: 99999, default").replace("weight", "w"),
+    );
+    let bad = {
+        let text = std::fs::read_to_string(&bad).unwrap().replace(&member_addr(1), "10.77.2.300");
+        std::fs::write(&bad, text).unwrap();
+        bad
+    };
+    for args in [vec!["validate", "-f", &bad], vec!["apply", "-f", &bad]] {
+        let out = ctl(&daemon, &args);
+        assert!(!out.status.success(), "{args:?} accepted an invalid file");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("loadbalancers[0].listeners[0].protocol_port: 99999 is out of range 1-65535"), "{err}");
+        assert!(err.contains("loadbalancers[0].pools[0].members[0].address: \"10.77.2.300\" is not an IP address"), "{err}");
+    }
+    assert_eq!(curls(&topo, 2), ["member-2", "member-2"]);
+    let members = ctl_ok(&daemon, &["get", "members", "-o", "json"]);
+    let members: serde_json::Value = serde_json::from_str(&members).unwrap();
+    assert_eq!(members.as_array().unwrap().len(), 1);
+    assert_eq!(members[0]["address"], member_addr(2));
+
+    // Deleting the load balancer removes its VIP from the data path and the interface.
+    let out = ctl_ok(&daemon, &["delete", "lb1"]);
+    assert!(out.contains("- loadbalancer lb1"), "{out}");
+    assert!(!vip_on_interface(&topo));
+    assert!(topo.curl(&format!("http://{VIP}/")).is_err());
+}
+
+#[test]
+fn a_restarted_daemon_serves_the_same_vips() {
+    topology::require_root();
+    let mut topo = Topology::new("restart", 2);
+    topo.start_http_member(1);
+    topo.start_http_member(2);
+    let daemon = start_daemon(&mut topo, "state");
+    ctl_ok(&daemon, &["apply", "-f", &write_config(&topo, "lb.yaml", &http_pool(&[1, 2]))]);
+    assert_eq!(curls(&topo, 2), ["member-1", "member-2"]);
+
+    let status = topo.stop(daemon.pid, "TERM");
+    assert!(status.success(), "daemon exit on SIGTERM: {status}\n{}", topo.log("daemon.log"));
+    assert!(!vip_on_interface(&topo), "SIGTERM removes the VIP addresses the daemon added");
+    assert!(daemon.state_dir.join("state.json").exists());
+
+    let daemon = start_daemon(&mut topo, "state");
+    assert!(vip_on_interface(&topo));
+    let lbs = ctl_ok(&daemon, &["get", "loadbalancers"]);
+    assert!(lbs.contains("lb1") && lbs.contains(VIP), "{lbs}");
+    assert_eq!(curls(&topo, 4), ["member-1", "member-2", "member-1", "member-2"]);
+}

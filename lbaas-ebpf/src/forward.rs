@@ -72,8 +72,10 @@ fn new_flow_member(flow: &FlowKey, pkt: &Packet, vip: &VipInfo) -> Option<Member
     let counter = LB_RR.get_ptr_mut(vip.listener_id)?;
     // One counter shared by all CPUs gives a strict global rotation; the BPF target has no
     // compare-and-swap, so core's AtomicU64 lacks fetch_add, but BPF_ATOMIC fetch-add exists.
+    // SeqCst on purpose: with Relaxed, LLVM 22's BPF backend emits the non-fetching `lock +=`
+    // and then uses the addend as if it were the old value (every turn read as 1).
     // SAFETY: the pointer is to a live, aligned u64 map value; all CPUs touch it atomically.
-    let turn = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, 1) };
+    let turn = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(counter, 1) };
     let slot = vip.ring_base + (turn % u64::from(vip.ring_len)) as u32;
     let member_id = *LB_RING.get(slot)?;
     let member = *LB_MEMBERS.get(member_id)?;

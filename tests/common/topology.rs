@@ -1,0 +1,315 @@
+//! The two-arm test topology in network namespaces, shared by the integration tests and
+//! `cargo xtask demo` (which includes this file by path).
+//!
+//! ```text
+//!  client ns            LB ns                    switch ns          member ns (xN)
+//!  eth0 10.77.1.2 ---- lan0 10.77.1.1            br0
+//!                      (VIP 10.77.1.100/32)
+//!                      mem0 10.77.2.1 -------- p-lb  p-mK -------- eth0 10.77.2.1K
+//! ```
+//! Members route through the LB node (two-arm `nat` mode). Every name carries a prefix unique
+//! to the process and topology, and [`Topology`]'s `Drop` kills the processes it started and
+//! deletes its namespaces, also when a test panics.
+#![allow(dead_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+/// Client address.
+pub const CLIENT_ADDR: &str = "10.77.1.2";
+/// LB node's own client-side address.
+pub const LB_CLIENT_SIDE_ADDR: &str = "10.77.1.1";
+/// LB node's member-side address (the members' gateway).
+pub const LB_MEMBER_SIDE_ADDR: &str = "10.77.2.1";
+/// The VIP used by the tests and the demo.
+pub const VIP: &str = "10.77.1.100";
+
+/// Address of member `i` (1-based).
+pub fn member_addr(i: usize) -> String {
+    format!("10.77.2.{}", 10 + i)
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command, panicking with its output when it fails.
+pub fn run(args: &[&str]) -> Output {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs a command and ignores failure (for cleanup).
+fn run_quiet(args: &[&str]) {
+    let _ = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Panics with a clear message unless running as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions; declared here to avoid a libc dependency.
+    unsafe extern "C" {
+        fn geteuid() -> u32;
+    }
+    let euid = unsafe { geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test needs root (network namespaces, XDP): run `sudo cargo xtask test`"
+    );
+}
+
+/// A running topology.
+pub struct Topology {
+    /// Unique prefix of every namespace name.
+    pub prefix: String,
+    /// Number of members.
+    pub members: usize,
+    /// Scratch directory (socket, state, member pages); removed on drop.
+    pub dir: PathBuf,
+    children: Vec<Child>,
+}
+
+impl Topology {
+    /// Namespace of the client.
+    pub fn client(&self) -> String {
+        format!("{}-c", self.prefix)
+    }
+    /// Namespace of the LB node.
+    pub fn lb(&self) -> String {
+        format!("{}-lb", self.prefix)
+    }
+    /// Namespace of the switch between LB and members.
+    pub fn switch(&self) -> String {
+        format!("{}-sw", self.prefix)
+    }
+    /// Namespace of member `i` (1-based).
+    pub fn member(&self, i: usize) -> String {
+        format!("{}-m{i}", self.prefix)
+    }
+
+    fn namespaces(&self) -> Vec<String> {
+        let mut all = vec![self.client(), self.lb(), self.switch()];
+        all.extend((1..=self.members).map(|i| self.member(i)));
+        all
+    }
+
+    /// Builds the namespaces and links. `tag` makes names readable (`lbt-<tag>-<pid>-<n>`).
+    pub fn new(tag: &str, members: usize) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("lbt-{tag}-{}-{n}", std::process::id());
+        let dir = std::env::temp_dir().join(&prefix);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let topo = Self {
+            prefix,
+            members,
+            dir,
+            children: Vec::new(),
+        };
+        // From here on, Drop cleans up whatever was created, even if a step panics.
+        topo.build();
+        topo
+    }
+
+    fn build(&self) {
+        for ns in self.namespaces() {
+            run(&["ip", "netns", "add", &ns]);
+            run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        }
+        let (c, lb, sw) = (self.client(), self.lb(), self.switch());
+        run(&["ip", "link", "add", "eth0", "netns", &c, "type", "veth", "peer", "name", "lan0", "netns", &lb]);
+        run(&["ip", "link", "add", "mem0", "netns", &lb, "type", "veth", "peer", "name", "p-lb", "netns", &sw]);
+        run(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
+        run(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
+        run(&["ip", "-n", &sw, "link", "set", "p-lb", "master", "br0", "up"]);
+        run(&["ip", "-n", &c, "addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"]);
+        run(&["ip", "-n", &c, "link", "set", "eth0", "up"]);
+        run(&["ip", "-n", &c, "route", "add", "default", "via", LB_CLIENT_SIDE_ADDR]);
+        run(&["ip", "-n", &lb, "addr", "add", &format!("{LB_CLIENT_SIDE_ADDR}/24"), "dev", "lan0"]);
+        run(&["ip", "-n", &lb, "addr", "add", &format!("{LB_MEMBER_SIDE_ADDR}/24"), "dev", "mem0"]);
+        run(&["ip", "-n", &lb, "link", "set", "lan0", "up"]);
+        run(&["ip", "-n", &lb, "link", "set", "mem0", "up"]);
+        run(&["ip", "netns", "exec", &lb, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        for i in 1..=self.members {
+            let m = self.member(i);
+            let port = format!("p-m{i}");
+            run(&["ip", "link", "add", "eth0", "netns", &m, "type", "veth", "peer", "name", &port, "netns", &sw]);
+            run(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"]);
+            run(&["ip", "-n", &m, "addr", "add", &format!("{}/24", member_addr(i)), "dev", "eth0"]);
+            run(&["ip", "-n", &m, "link", "set", "eth0", "up"]);
+            run(&["ip", "-n", &m, "route", "add", "default", "via", LB_MEMBER_SIDE_ADDR]);
+            // veth offloads checksums; an XDP-forwarded frame would carry a partial one.
+            run(&["ip", "netns", "exec", &m, "ethtool", "-K", "eth0", "tx", "off"]);
+        }
+        run(&["ip", "netns", "exec", &c, "ethtool", "-K", "eth0", "tx", "off"]);
+        // Frames XDP-redirected into a veth are dropped unless its peer takes XDP frames.
+        run(&["ip", "netns", "exec", &c, "ethtool", "-K", "eth0", "gro", "on"]);
+        run(&["ip", "netns", "exec", &sw, "ethtool", "-K", "p-lb", "gro", "on"]);
+    }
+
+    /// Starts a process inside namespace `ns`; it is killed on drop.
+    pub fn spawn(&mut self, ns: &str, args: &[&str], log: &str) -> u32 {
+        let log_path = self.dir.join(log);
+        let log_file = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log file"))
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {args:?} in {ns}: {e}"));
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    /// Stops a process started by [`Topology::spawn`] with a signal and waits for it.
+    pub fn stop(&mut self, pid: u32, signal: &str) -> std::process::ExitStatus {
+        run_quiet(&["kill", &format!("-{signal}"), &pid.to_string()]);
+        let index = self
+            .children
+            .iter()
+            .position(|c| c.id() == pid)
+            .expect("a process this topology started");
+        let mut child = self.children.remove(index);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("process {pid} did not stop within 10 s of SIG{signal}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts an HTTP server on member `i`, port 80, answering `member-i`.
+    pub fn start_http_member(&mut self, i: usize) {
+        let root = self.dir.join(format!("www{i}"));
+        std::fs::create_dir_all(&root).expect("www dir");
+        std::fs::write(root.join("index.html"), format!("member-{i}\n")).expect("index.html");
+        let root = root.display().to_string();
+        let addr = member_addr(i);
+        let ns = self.member(i);
+        self.spawn(
+            &ns,
+            &["/usr/bin/python3", "-m", "http.server", "80", "--bind", &addr, "--directory", &root],
+            &format!("http{i}.log"),
+        );
+        self.wait_tcp(&ns, &addr, 80);
+    }
+
+    /// Starts a UDP echo server on member `i`, port 5353: it answers `member-i:<datagram>`.
+    pub fn start_udp_member(&mut self, i: usize) {
+        let addr = member_addr(i);
+        let script = format!(
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{addr}',5353))\n\
+             while True:\n d,a=s.recvfrom(2048)\n s.sendto(b'member-{i}:'+d,a)\n"
+        );
+        let ns = self.member(i);
+        self.spawn(&ns, &["/usr/bin/python3", "-u", "-c", &script], &format!("udp{i}.log"));
+        // Ready when the socket is bound.
+        wait_until(Duration::from_secs(10), &format!("UDP server on {addr}"), || {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &ns, "ss", "-lun"])
+                .output()
+                .expect("ss");
+            String::from_utf8_lossy(&out.stdout).contains(&format!("{addr}:5353"))
+        });
+    }
+
+    /// Waits until something listens on `addr:port` (TCP) in `ns`.
+    pub fn wait_tcp(&self, ns: &str, addr: &str, port: u16) {
+        wait_until(Duration::from_secs(10), &format!("TCP listener {addr}:{port}"), || {
+            let out = Command::new("ip")
+                .args(["netns", "exec", ns, "ss", "-ltn"])
+                .output()
+                .expect("ss");
+            String::from_utf8_lossy(&out.stdout).contains(&format!("{addr}:{port}"))
+        });
+    }
+
+    /// Runs a command in namespace `ns` and returns its output (not checked).
+    pub fn exec(&self, ns: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {args:?} in {ns}: {e}"))
+    }
+
+    /// `curl` from the client; returns the body on success.
+    pub fn curl(&self, url: &str) -> Result<String, String> {
+        let out = self.exec(&self.client(), &["curl", "-sS", "--max-time", "5", url]);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    /// Path of a file in the scratch directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The contents of a log written by a spawned process.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+}
+
+/// Polls `ready` every 50 ms until it holds, or panics naming `what` after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in self.namespaces() {
+            // Anything else still running inside (a stray child of a child) goes too.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", &ns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    run_quiet(&["kill", "-9", pid]);
+                }
+            }
+            run_quiet(&["ip", "netns", "del", &ns]);
+        }
+        if !std::thread::panicking() || std::env::var_os("LBAAS_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Whether a path exists (for readability in tests).
+pub fn exists(path: &Path) -> bool {
+    path.exists()
+}
