@@ -28,29 +28,48 @@ fn main() -> anyhow::Result<()> {
     }
     let target_dir = out_dir.join("ebpf-target");
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", "nightly", "cargo", "build", "--package", "lbaas-ebpf", "--bins"])
-        .args(["--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .current_dir(workspace)
-        .env(
-            "CARGO_ENCODED_RUSTFLAGS",
-            [
-                "--cfg=bpf_target_arch=\"x86_64\"",
-                "-Ctarget-cpu=v3",
-                "-Cdebuginfo=2",
-                "-Clink-arg=--btf",
-            ]
-            .join("\x1f"),
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for key in ["RUSTC", "RUSTC_WORKSPACE_WRAPPER", "RUSTUP_TOOLCHAIN", "CARGO_TARGET_DIR"] {
+    cmd.args([
+        "run",
+        "nightly",
+        "cargo",
+        "build",
+        "--package",
+        "lbaas-ebpf",
+        "--bins",
+    ])
+    .args([
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+    ])
+    .arg("--target-dir")
+    .arg(&target_dir)
+    .current_dir(workspace)
+    .env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        [
+            "--cfg=bpf_target_arch=\"x86_64\"",
+            "-Ctarget-cpu=v3",
+            "-Cdebuginfo=2",
+            "-Clink-arg=--btf",
+        ]
+        .join("\x1f"),
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    for key in [
+        "RUSTC",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_TARGET_DIR",
+    ] {
         cmd.env_remove(key);
     }
-    let output = cmd
-        .output()
-        .context("running `rustup run nightly cargo build` for lbaas-ebpf (run `cargo xtask setup`)")?;
+    let output = cmd.output().context(
+        "running `rustup run nightly cargo build` for lbaas-ebpf (run `cargo xtask setup`)",
+    )?;
     if !output.status.success() {
         for line in String::from_utf8_lossy(&output.stderr).lines() {
             println!("cargo:warning={line}");

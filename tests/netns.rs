@@ -9,7 +9,9 @@ use std::{
     time::Duration,
 };
 
-use common::topology::{self, CLIENT_ADDR, LB_CLIENT_SIDE_ADDR, Topology, VIP, member_addr, wait_until};
+use common::topology::{
+    self, CLIENT_ADDR, LB_CLIENT_SIDE_ADDR, Topology, VIP, member_addr, wait_until,
+};
 
 const CTL: &str = env!("CARGO_BIN_EXE_lbaas-ctl");
 
@@ -41,7 +43,11 @@ fn start_daemon(topo: &mut Topology, state_dir: &str) -> Daemon {
         ],
         "daemon.log",
     );
-    let daemon = Daemon { pid, socket, state_dir };
+    let daemon = Daemon {
+        pid,
+        socket,
+        state_dir,
+    };
     wait_until(Duration::from_secs(20), "the daemon's API socket", || {
         ctl(&daemon, &["get", "loadbalancers"]).status.success()
     });
@@ -72,7 +78,11 @@ fn ctl_ok(daemon: &Daemon, args: &[&str]) -> String {
 /// Writes a one-load-balancer file with the given listeners and pools blocks.
 fn write_config(topo: &Topology, name: &str, body: &str) -> String {
     let path = topo.path(name);
-    std::fs::write(&path, format!("loadbalancers:\n  - name: lb1\n    vip_address: {VIP}\n{body}")).unwrap();
+    std::fs::write(
+        &path,
+        format!("loadbalancers:\n  - name: lb1\n    vip_address: {VIP}\n{body}"),
+    )
+    .unwrap();
     path.display().to_string()
 }
 
@@ -81,7 +91,10 @@ fn http_pool(members: &[usize]) -> String {
         "    listeners:\n      - {name: web, protocol: TCP, protocol_port: 80, default_pool: web-pool}\n    pools:\n      - name: web-pool\n        protocol: TCP\n        lb_algorithm: ROUND_ROBIN\n        members:\n",
     );
     for i in members {
-        out.push_str(&format!("          - {{name: m{i}, address: {}, protocol_port: 80}}\n", member_addr(*i)));
+        out.push_str(&format!(
+            "          - {{name: m{i}, address: {}, protocol_port: 80}}\n",
+            member_addr(*i)
+        ));
     }
     out
 }
@@ -96,14 +109,18 @@ fn curls(topo: &Topology, n: usize) -> Vec<String> {
     (0..n)
         .map(|i| {
             topo.curl(&url).unwrap_or_else(|e| {
-                panic!("curl #{i} failed: {e}\ndaemon log:\n{}", topo.log("daemon.log"))
+                panic!(
+                    "curl #{i} failed: {e}\ndaemon log:\n{}",
+                    topo.log("daemon.log")
+                )
             })
         })
         .collect()
 }
 
 fn forwarded_by_xdp(daemon: &Daemon) -> u64 {
-    let stats: serde_json::Value = serde_json::from_str(&ctl_ok(daemon, &["stats", "-o", "json"])).unwrap();
+    let stats: serde_json::Value =
+        serde_json::from_str(&ctl_ok(daemon, &["stats", "-o", "json"])).unwrap();
     stats["datapath"]
         .as_array()
         .unwrap()
@@ -123,17 +140,32 @@ fn round_robin_alternates_between_http_members() {
     let file = write_config(&topo, "lb.yaml", &http_pool(&[1, 2]));
     let out = ctl_ok(&daemon, &["apply", "-f", &file]);
     assert!(out.contains("+ loadbalancer lb1"), "{out}");
-    assert!(vip_on_interface(&topo), "the daemon adds the VIP as a /32 on the client interface");
+    assert!(
+        vip_on_interface(&topo),
+        "the daemon adds the VIP as a /32 on the client interface"
+    );
 
     let answers = curls(&topo, 6);
-    assert_eq!(answers, ["member-1", "member-2", "member-1", "member-2", "member-1", "member-2"]);
+    assert_eq!(
+        answers,
+        [
+            "member-1", "member-2", "member-1", "member-2", "member-1", "member-2"
+        ]
+    );
     // The data path, not the host stack, did the forwarding.
-    assert!(forwarded_by_xdp(&daemon) > 0, "no packet was forwarded by XDP");
-    let stats: serde_json::Value = serde_json::from_str(&ctl_ok(&daemon, &["stats", "-o", "json"])).unwrap();
+    assert!(
+        forwarded_by_xdp(&daemon) > 0,
+        "no packet was forwarded by XDP"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&ctl_ok(&daemon, &["stats", "-o", "json"])).unwrap();
     assert_eq!(stats["listeners"][0]["total_connections"], 6, "{stats}");
 
     let members = ctl_ok(&daemon, &["get", "members"]);
-    assert!(members.contains(&member_addr(1)) && members.contains(&member_addr(2)), "{members}");
+    assert!(
+        members.contains(&member_addr(1)) && members.contains(&member_addr(2)),
+        "{members}"
+    );
     let diff = ctl_ok(&daemon, &["diff", "-f", &file]);
     assert_eq!(diff.trim(), "no changes");
 }
@@ -149,7 +181,10 @@ fn udp_listener_forwards_datagrams_and_replies_come_from_the_vip() {
         "    listeners:\n      - {name: dns, protocol: UDP, protocol_port: 53, default_pool: dns-pool}\n    pools:\n      - name: dns-pool\n        protocol: UDP\n        lb_algorithm: ROUND_ROBIN\n        members:\n",
     );
     for i in 1..=2 {
-        body.push_str(&format!("          - {{address: {}, protocol_port: 5353}}\n", member_addr(i)));
+        body.push_str(&format!(
+            "          - {{address: {}, protocol_port: 5353}}\n",
+            member_addr(i)
+        ));
     }
     let file = write_config(&topo, "udp.yaml", &body);
     ctl_ok(&daemon, &["apply", "-f", &file]);
@@ -167,8 +202,19 @@ fn udp_listener_forwards_datagrams_and_replies_come_from_the_vip() {
         String::from_utf8_lossy(&out.stderr),
         topo.log("daemon.log")
     );
-    let replies: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
-    assert_eq!(replies, ["member-1:ping0", "member-2:ping1", "member-1:ping2", "member-2:ping3"]);
+    let replies: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        replies,
+        [
+            "member-1:ping0",
+            "member-2:ping1",
+            "member-1:ping2",
+            "member-2:ping3"
+        ]
+    );
 }
 
 #[test]
@@ -177,7 +223,14 @@ fn the_lb_host_keeps_working() {
     let mut topo = Topology::new("host", 1);
     topo.start_http_member(1);
     let daemon = start_daemon(&mut topo, "state");
-    ctl_ok(&daemon, &["apply", "-f", &write_config(&topo, "lb.yaml", &http_pool(&[1]))]);
+    ctl_ok(
+        &daemon,
+        &[
+            "apply",
+            "-f",
+            &write_config(&topo, "lb.yaml", &http_pool(&[1])),
+        ],
+    );
     // A service of the LB host itself, on a port no listener owns, on every address.
     let lb = topo.lb();
     let root = topo.path("hostwww");
@@ -185,7 +238,14 @@ fn the_lb_host_keeps_working() {
     std::fs::write(root.join("index.html"), "lb-host\n").unwrap();
     topo.spawn(
         &lb,
-        &["/usr/bin/python3", "-m", "http.server", "8081", "--directory", root.to_str().unwrap()],
+        &[
+            "/usr/bin/python3",
+            "-m",
+            "http.server",
+            "8081",
+            "--directory",
+            root.to_str().unwrap(),
+        ],
         "host-http.log",
     );
     topo.wait_tcp(&lb, "0.0.0.0", 8081);
@@ -193,10 +253,21 @@ fn the_lb_host_keeps_working() {
     let client = topo.client();
     for target in [LB_CLIENT_SIDE_ADDR, VIP] {
         let ping = topo.exec(&client, &["ping", "-c", "1", "-W", "2", target]);
-        assert!(ping.status.success(), "ping {target} failed: {}", String::from_utf8_lossy(&ping.stdout));
+        assert!(
+            ping.status.success(),
+            "ping {target} failed: {}",
+            String::from_utf8_lossy(&ping.stdout)
+        );
     }
-    assert_eq!(topo.curl(&format!("http://{LB_CLIENT_SIDE_ADDR}:8081/")).unwrap(), "lb-host");
-    assert_eq!(topo.curl(&format!("http://{VIP}:8081/")).unwrap(), "lb-host");
+    assert_eq!(
+        topo.curl(&format!("http://{LB_CLIENT_SIDE_ADDR}:8081/"))
+            .unwrap(),
+        "lb-host"
+    );
+    assert_eq!(
+        topo.curl(&format!("http://{VIP}:8081/")).unwrap(),
+        "lb-host"
+    );
     // And the listener still balances.
     assert_eq!(curls(&topo, 2), ["member-1", "member-1"]);
     let _ = CLIENT_ADDR;
@@ -209,10 +280,24 @@ fn apply_changes_members_live_and_invalid_files_change_nothing() {
     topo.start_http_member(1);
     topo.start_http_member(2);
     let daemon = start_daemon(&mut topo, "state");
-    ctl_ok(&daemon, &["apply", "-f", &write_config(&topo, "one.yaml", &http_pool(&[1]))]);
+    ctl_ok(
+        &daemon,
+        &[
+            "apply",
+            "-f",
+            &write_config(&topo, "one.yaml", &http_pool(&[1])),
+        ],
+    );
     assert_eq!(curls(&topo, 3), ["member-1", "member-1", "member-1"]);
 
-    let out = ctl_ok(&daemon, &["apply", "-f", &write_config(&topo, "two.yaml", &http_pool(&[2]))]);
+    let out = ctl_ok(
+        &daemon,
+        &[
+            "apply",
+            "-f",
+            &write_config(&topo, "two.yaml", &http_pool(&[2])),
+        ],
+    );
     assert!(out.contains("+ member lb1/web-pool/10.77.2.12:80"), "{out}");
     assert!(out.contains("- member lb1/web-pool/10.77.2.11:80"), "{out}");
     assert_eq!(curls(&topo, 3), ["member-2", "member-2", "member-2"]);
@@ -221,10 +306,17 @@ fn apply_changes_members_live_and_invalid_files_change_nothing() {
     let bad = write_config(
         &topo,
         "bad.yaml",
-        &http_pool(&[1]).replace("protocol_port: 80, default", "protocol_port: 99999, default").replace("weight", "w"),
+        &http_pool(&[1])
+            .replace(
+                "protocol_port: 80, default",
+                "protocol_port: 99999, default",
+            )
+            .replace("weight", "w"),
     );
     let bad = {
-        let text = std::fs::read_to_string(&bad).unwrap().replace(&member_addr(1), "10.77.2.300");
+        let text = std::fs::read_to_string(&bad)
+            .unwrap()
+            .replace(&member_addr(1), "10.77.2.300");
         std::fs::write(&bad, text).unwrap();
         bad
     };
@@ -232,8 +324,18 @@ fn apply_changes_members_live_and_invalid_files_change_nothing() {
         let out = ctl(&daemon, &args);
         assert!(!out.status.success(), "{args:?} accepted an invalid file");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("loadbalancers[0].listeners[0].protocol_port: 99999 is out of range 1-65535"), "{err}");
-        assert!(err.contains("loadbalancers[0].pools[0].members[0].address: \"10.77.2.300\" is not an IP address"), "{err}");
+        assert!(
+            err.contains(
+                "loadbalancers[0].listeners[0].protocol_port: 99999 is out of range 1-65535"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains(
+                "loadbalancers[0].pools[0].members[0].address: \"10.77.2.300\" is not an IP address"
+            ),
+            "{err}"
+        );
     }
     assert_eq!(curls(&topo, 2), ["member-2", "member-2"]);
     let members = ctl_ok(&daemon, &["get", "members", "-o", "json"]);
@@ -255,17 +357,34 @@ fn a_restarted_daemon_serves_the_same_vips() {
     topo.start_http_member(1);
     topo.start_http_member(2);
     let daemon = start_daemon(&mut topo, "state");
-    ctl_ok(&daemon, &["apply", "-f", &write_config(&topo, "lb.yaml", &http_pool(&[1, 2]))]);
+    ctl_ok(
+        &daemon,
+        &[
+            "apply",
+            "-f",
+            &write_config(&topo, "lb.yaml", &http_pool(&[1, 2])),
+        ],
+    );
     assert_eq!(curls(&topo, 2), ["member-1", "member-2"]);
 
     let status = topo.stop(daemon.pid, "TERM");
-    assert!(status.success(), "daemon exit on SIGTERM: {status}\n{}", topo.log("daemon.log"));
-    assert!(!vip_on_interface(&topo), "SIGTERM removes the VIP addresses the daemon added");
+    assert!(
+        status.success(),
+        "daemon exit on SIGTERM: {status}\n{}",
+        topo.log("daemon.log")
+    );
+    assert!(
+        !vip_on_interface(&topo),
+        "SIGTERM removes the VIP addresses the daemon added"
+    );
     assert!(daemon.state_dir.join("state.json").exists());
 
     let daemon = start_daemon(&mut topo, "state");
     assert!(vip_on_interface(&topo));
     let lbs = ctl_ok(&daemon, &["get", "loadbalancers"]);
     assert!(lbs.contains("lb1") && lbs.contains(VIP), "{lbs}");
-    assert_eq!(curls(&topo, 4), ["member-1", "member-2", "member-1", "member-2"]);
+    assert_eq!(
+        curls(&topo, 4),
+        ["member-1", "member-2", "member-1", "member-2"]
+    );
 }

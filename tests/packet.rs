@@ -54,22 +54,60 @@ struct NetNs {
 impl NetNs {
     fn enter() -> Self {
         require_root();
-        let name = format!("lbp-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        let name = format!(
+            "lbp-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
         run(&["ip", "netns", "add", &name]);
-        let mut ns = NetNs { name, lan: 0, mem: 0 };
+        let mut ns = NetNs {
+            name,
+            lan: 0,
+            mem: 0,
+        };
         let n = ns.name.clone();
         let n = n.as_str();
-        for (dev, peer, mac, addr) in [("lan0", "lan1", LAN_MAC, "10.1.0.1/24"), ("mem0", "mem1", MEM_MAC, "10.2.0.1/24")] {
-            run(&["ip", "-n", n, "link", "add", dev, "type", "veth", "peer", "name", peer]);
+        for (dev, peer, mac, addr) in [
+            ("lan0", "lan1", LAN_MAC, "10.1.0.1/24"),
+            ("mem0", "mem1", MEM_MAC, "10.2.0.1/24"),
+        ] {
+            run(&[
+                "ip", "-n", n, "link", "add", dev, "type", "veth", "peer", "name", peer,
+            ]);
             run(&["ip", "-n", n, "link", "set", dev, "address", &mac_str(mac)]);
             run(&["ip", "-n", n, "addr", "add", addr, "dev", dev]);
             run(&["ip", "-n", n, "link", "set", dev, "up"]);
             run(&["ip", "-n", n, "link", "set", peer, "up"]);
         }
-        for (addr, mac, dev) in [(CLIENT, CLIENT_MAC, "lan0"), (M1, M1_MAC, "mem0"), (M2, M2_MAC, "mem0")] {
-            run(&["ip", "-n", n, "neigh", "add", &addr.to_string(), "lladdr", &mac_str(mac), "dev", dev, "nud", "permanent"]);
+        for (addr, mac, dev) in [
+            (CLIENT, CLIENT_MAC, "lan0"),
+            (M1, M1_MAC, "mem0"),
+            (M2, M2_MAC, "mem0"),
+        ] {
+            run(&[
+                "ip",
+                "-n",
+                n,
+                "neigh",
+                "add",
+                &addr.to_string(),
+                "lladdr",
+                &mac_str(mac),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
         }
-        run(&["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            n,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
         let file = std::fs::File::open(format!("/var/run/netns/{n}")).expect("netns file");
         // SAFETY: setns on a valid namespace fd; it only changes this thread's namespace.
         let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
@@ -82,12 +120,17 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
 fn mac_str(mac: [u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// The program with a configuration applied through the real controller.
@@ -96,7 +139,8 @@ struct Lb {
     programmer: Programmer,
 }
 
-const TWO_MEMBERS: &str = "[{address: 10.2.0.11, protocol_port: 8080}, {address: 10.2.0.12, protocol_port: 8080}]";
+const TWO_MEMBERS: &str =
+    "[{address: 10.2.0.11, protocol_port: 8080}, {address: 10.2.0.12, protocol_port: 8080}]";
 
 fn yaml(members: &str) -> String {
     format!(
@@ -145,7 +189,10 @@ impl Lb {
     }
 
     fn stat(&self, name: &str) -> u64 {
-        let index = GLOBAL_STAT_NAMES.iter().position(|n| *n == name).expect("stat name");
+        let index = GLOBAL_STAT_NAMES
+            .iter()
+            .position(|n| *n == name)
+            .expect("stat name");
         self.datapath.global_stats().unwrap()[index]
     }
 
@@ -189,11 +236,26 @@ fn syn_to_the_vip_is_rewritten_to_the_chosen_member() {
     let ns = NetNs::enter();
     let lb = Lb::new(TWO_MEMBERS);
     let syn = to_vip(40000);
-    assert_frame("first SYN", lb.run(&syn.build(), ns.lan), XDP_REDIRECT, &dnat(&syn, M1, M1_MAC, 8080));
+    assert_frame(
+        "first SYN",
+        lb.run(&syn.build(), ns.lan),
+        XDP_REDIRECT,
+        &dnat(&syn, M1, M1_MAC, 8080),
+    );
     let syn2 = to_vip(40001);
-    assert_frame("second flow", lb.run(&syn2.build(), ns.lan), XDP_REDIRECT, &dnat(&syn2, M2, M2_MAC, 8080));
+    assert_frame(
+        "second flow",
+        lb.run(&syn2.build(), ns.lan),
+        XDP_REDIRECT,
+        &dnat(&syn2, M2, M2_MAC, 8080),
+    );
     let syn3 = to_vip(40002);
-    assert_frame("third flow", lb.run(&syn3.build(), ns.lan), XDP_REDIRECT, &dnat(&syn3, M1, M1_MAC, 8080));
+    assert_frame(
+        "third flow",
+        lb.run(&syn3.build(), ns.lan),
+        XDP_REDIRECT,
+        &dnat(&syn3, M1, M1_MAC, 8080),
+    );
     assert_eq!(lb.stat("forwarded"), 3);
 }
 
@@ -208,7 +270,12 @@ fn later_packets_of_a_flow_stay_on_its_member() {
     ack.tcp_flags = 0x10;
     ack.payload = b"GET / HTTP/1.1\r\n\r\n".to_vec();
     for _ in 0..3 {
-        assert_frame("same flow", lb.run(&ack.build(), ns.lan), XDP_REDIRECT, &dnat(&ack, M1, M1_MAC, 8080));
+        assert_frame(
+            "same flow",
+            lb.run(&ack.build(), ns.lan),
+            XDP_REDIRECT,
+            &dnat(&ack, M1, M1_MAC, 8080),
+        );
     }
 }
 
@@ -219,7 +286,12 @@ fn a_flow_whose_member_was_removed_is_rescheduled() {
     let syn = to_vip(40000);
     assert_eq!(lb.run(&syn.build(), ns.lan).1, dnat(&syn, M1, M1_MAC, 8080));
     lb.apply("[{address: 10.2.0.12, protocol_port: 8080}]");
-    assert_frame("rescheduled", lb.run(&syn.build(), ns.lan), XDP_REDIRECT, &dnat(&syn, M2, M2_MAC, 8080));
+    assert_frame(
+        "rescheduled",
+        lb.run(&syn.build(), ns.lan),
+        XDP_REDIRECT,
+        &dnat(&syn, M2, M2_MAC, 8080),
+    );
 }
 
 #[test]
@@ -229,10 +301,17 @@ fn a_drained_member_keeps_its_flows_but_gets_no_new_ones() {
     let pinned = to_vip(40000);
     lb.run(&pinned.build(), ns.lan);
     lb.apply("[{address: 10.2.0.11, protocol_port: 8080, weight: 0}, {address: 10.2.0.12, protocol_port: 8080}]");
-    assert_eq!(lb.run(&pinned.build(), ns.lan).1, dnat(&pinned, M1, M1_MAC, 8080));
+    assert_eq!(
+        lb.run(&pinned.build(), ns.lan).1,
+        dnat(&pinned, M1, M1_MAC, 8080)
+    );
     for sport in 41000..41004 {
         let syn = to_vip(sport);
-        assert_eq!(lb.run(&syn.build(), ns.lan).1, dnat(&syn, M2, M2_MAC, 8080), "new flow {sport}");
+        assert_eq!(
+            lb.run(&syn.build(), ns.lan).1,
+            dnat(&syn, M2, M2_MAC, 8080),
+            "new flow {sport}"
+        );
     }
 }
 
@@ -252,10 +331,23 @@ fn a_member_reply_is_rewritten_back_to_the_vip() {
         dst_mac: CLIENT_MAC,
         ..reply.clone()
     };
-    assert_frame("reply", lb.run(&reply.build(), ns.mem), XDP_REDIRECT, &expected.build());
+    assert_frame(
+        "reply",
+        lb.run(&reply.build(), ns.mem),
+        XDP_REDIRECT,
+        &expected.build(),
+    );
     // A reply from a port the flow does not use is not ours: untouched.
-    let stray = Frame { sport: 8081, ..reply };
-    assert_frame("stray", lb.run(&stray.build(), ns.mem), XDP_PASS, &stray.build());
+    let stray = Frame {
+        sport: 8081,
+        ..reply
+    };
+    assert_frame(
+        "stray",
+        lb.run(&stray.build(), ns.mem),
+        XDP_PASS,
+        &stray.build(),
+    );
 }
 
 #[test]
@@ -265,10 +357,24 @@ fn udp_checksums_are_updated_and_a_zero_checksum_stays_zero() {
     let mut q = Frame::udp((CLIENT, 33000), (VIP, 53), b"query-with-odd-length");
     q.src_mac = CLIENT_MAC;
     q.dst_mac = LAN_MAC;
-    assert_frame("udp", lb.run(&q.build(), ns.lan), XDP_REDIRECT, &dnat(&q, M1, M1_MAC, 5353));
-    let nock = Frame { udp_no_checksum: true, sport: 33001, ..q.clone() };
+    assert_frame(
+        "udp",
+        lb.run(&q.build(), ns.lan),
+        XDP_REDIRECT,
+        &dnat(&q, M1, M1_MAC, 5353),
+    );
+    let nock = Frame {
+        udp_no_checksum: true,
+        sport: 33001,
+        ..q.clone()
+    };
     let out = lb.run(&nock.build(), ns.lan);
-    assert_frame("udp no checksum", out.clone(), XDP_REDIRECT, &dnat(&nock, M1, M1_MAC, 5353));
+    assert_frame(
+        "udp no checksum",
+        out.clone(),
+        XDP_REDIRECT,
+        &dnat(&nock, M1, M1_MAC, 5353),
+    );
     assert_eq!(&out.1[40..42], &[0, 0], "zero UDP checksum must stay zero");
     assert_eq!(q.proto, UDP);
 }
@@ -278,10 +384,34 @@ fn packets_not_for_a_listener_pass_untouched() {
     let ns = NetNs::enter();
     let lb = Lb::new(TWO_MEMBERS);
     let cases = [
-        ("LB's own address", Frame { dst: Ipv4Addr::new(10, 1, 0, 1), ..to_vip(40000) }),
-        ("VIP, other port", Frame { dport: 22, ..to_vip(40000) }),
-        ("VIP, TCP to the UDP port", Frame { dport: 53, ..to_vip(40000) }),
-        ("VIP, UDP to the TCP port", Frame { proto: UDP, ..to_vip(40000) }),
+        (
+            "LB's own address",
+            Frame {
+                dst: Ipv4Addr::new(10, 1, 0, 1),
+                ..to_vip(40000)
+            },
+        ),
+        (
+            "VIP, other port",
+            Frame {
+                dport: 22,
+                ..to_vip(40000)
+            },
+        ),
+        (
+            "VIP, TCP to the UDP port",
+            Frame {
+                dport: 53,
+                ..to_vip(40000)
+            },
+        ),
+        (
+            "VIP, UDP to the TCP port",
+            Frame {
+                proto: UDP,
+                ..to_vip(40000)
+            },
+        ),
     ];
     for (what, frame) in cases {
         let bytes = frame.build();
@@ -319,13 +449,21 @@ fn malformed_frames_are_never_rewritten() {
     let mut offset = good.clone();
     offset[21] = 0x10;
     cases.push(("fragment offset", offset, "pass_fragment"));
-    cases.push(("short TCP header", good[..14 + 20 + 12].to_vec(), "pass_malformed"));
+    cases.push((
+        "short TCP header",
+        good[..14 + 20 + 12].to_vec(),
+        "pass_malformed",
+    ));
     let mut long_total = good.clone();
     long_total[16..18].copy_from_slice(&1500u16.to_be_bytes());
     cases.push(("IP length past the frame", long_total, "pass_malformed"));
     let mut short_total = good.clone();
     short_total[16..18].copy_from_slice(&30u16.to_be_bytes());
-    cases.push(("IP length shorter than TCP header", short_total, "pass_malformed"));
+    cases.push((
+        "IP length shorter than TCP header",
+        short_total,
+        "pass_malformed",
+    ));
     let mut doff = good.clone();
     doff[14 + 20 + 12] = 0x40;
     cases.push(("TCP data offset 4", doff, "pass_malformed"));
@@ -349,10 +487,18 @@ fn malformed_frames_are_never_rewritten() {
 fn a_vlan_tagged_frame_is_matched_and_rewritten() {
     let ns = NetNs::enter();
     let lb = Lb::new(TWO_MEMBERS);
-    let tagged = Frame { vlan: Some(7), ..to_vip(40000) };
+    let tagged = Frame {
+        vlan: Some(7),
+        ..to_vip(40000)
+    };
     // The member arm is another device: the host stack routes the rewritten packet, since the
     // tag belongs to the ingress device.
-    let expected = Frame { dst: M1, dport: 8080, ..tagged.clone() }.build();
+    let expected = Frame {
+        dst: M1,
+        dport: 8080,
+        ..tagged.clone()
+    }
+    .build();
     assert_frame("VLAN", lb.run(&tagged.build(), ns.lan), XDP_PASS, &expected);
 }
 
@@ -361,7 +507,12 @@ fn a_listener_without_usable_members_drops_new_flows() {
     let ns = NetNs::enter();
     let lb = Lb::new("[{address: 10.2.0.11, protocol_port: 8080, admin_state_up: false}]");
     let syn = to_vip(40000);
-    assert_frame("no member", lb.run(&syn.build(), ns.lan), XDP_DROP, &syn.build());
+    assert_frame(
+        "no member",
+        lb.run(&syn.build(), ns.lan),
+        XDP_DROP,
+        &syn.build(),
+    );
     assert_eq!(lb.stat("drop_no_member"), 1);
 }
 
@@ -371,7 +522,17 @@ fn without_a_known_next_hop_the_rewritten_packet_goes_to_the_host_stack() {
     // 10.2.0.13 has no neighbour entry.
     let lb = Lb::new("[{address: 10.2.0.13, protocol_port: 8080}]");
     let syn = to_vip(40000);
-    let expected = Frame { dst: Ipv4Addr::new(10, 2, 0, 13), dport: 8080, ..syn.clone() }.build();
-    assert_frame("no neighbour", lb.run(&syn.build(), ns.lan), XDP_PASS, &expected);
+    let expected = Frame {
+        dst: Ipv4Addr::new(10, 2, 0, 13),
+        dport: 8080,
+        ..syn.clone()
+    }
+    .build();
+    assert_frame(
+        "no neighbour",
+        lb.run(&syn.build(), ns.lan),
+        XDP_PASS,
+        &expected,
+    );
     assert_eq!(lb.stat("pass_no_neighbour"), 1);
 }

@@ -108,7 +108,11 @@ pub trait Handler: Send + Sync + 'static {
     /// The running configuration.
     fn config(&self) -> impl Future<Output = Config> + Send;
     /// Applies a YAML document.
-    fn apply(&self, request: ApplyRequest, prune: bool) -> impl Future<Output = Result<ApplyResponse, ApiError>> + Send;
+    fn apply(
+        &self,
+        request: ApplyRequest,
+        prune: bool,
+    ) -> impl Future<Output = Result<ApplyResponse, ApiError>> + Send;
     /// Deletes one load balancer.
     fn delete(&self, name: String) -> impl Future<Output = Result<ApplyResponse, ApiError>> + Send;
     /// Reads the counters.
@@ -116,7 +120,8 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
-    let bytes = serde_json::to_vec(body).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+    let bytes =
+        serde_json::to_vec(body).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
@@ -144,15 +149,27 @@ async fn route<H: Handler>(handler: Arc<H>, request: Request<Incoming>) -> Respo
     let result = match (&method, path.as_str()) {
         (&Method::GET, "/v1/config") => Ok(json_response(StatusCode::OK, &handler.config().await)),
         (&Method::POST, "/v1/apply") => match read_json::<ApplyRequest>(request).await {
-            Ok(body) => handler.apply(body, prune).await.map(|r| json_response(StatusCode::OK, &r)),
+            Ok(body) => handler
+                .apply(body, prune)
+                .await
+                .map(|r| json_response(StatusCode::OK, &r)),
             Err(e) => Err(e),
         },
-        (&Method::GET, "/v1/stats") => handler.stats().await.map(|r| json_response(StatusCode::OK, &r)),
+        (&Method::GET, "/v1/stats") => handler
+            .stats()
+            .await
+            .map(|r| json_response(StatusCode::OK, &r)),
         (&Method::DELETE, p) if p.starts_with("/v1/loadbalancers/") => {
             let name = p.trim_start_matches("/v1/loadbalancers/").to_string();
-            handler.delete(name).await.map(|r| json_response(StatusCode::OK, &r))
+            handler
+                .delete(name)
+                .await
+                .map(|r| json_response(StatusCode::OK, &r))
         }
-        _ => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {method} {path}"))),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint: {method} {path}"),
+        )),
     };
     result.unwrap_or_else(error_response)
 }
@@ -162,7 +179,12 @@ async fn read_json<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T,
         .into_body()
         .collect()
         .await
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("reading request body: {e}")))?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("reading request body: {e}"),
+            )
+        })?
         .to_bytes();
     serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("request body: {e}")))
@@ -198,7 +220,9 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// No daemon listens on the socket.
-    #[error("cannot reach the daemon at {socket}: {source} (is `lbaas-ctl daemon` running? see --socket)")]
+    #[error(
+        "cannot reach the daemon at {socket}: {source} (is `lbaas-ctl daemon` running? see --socket)"
+    )]
     Connect {
         /// Socket path.
         socket: String,
@@ -246,11 +270,15 @@ impl Client {
         body: Option<Vec<u8>>,
     ) -> BoxFuture<'a, Result<T, ClientError>> {
         Box::pin(async move {
-            let stream = UnixStream::connect(&self.socket).await.map_err(|source| ClientError::Connect {
-                socket: self.socket.display().to_string(),
-                source,
-            })?;
-            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            let stream =
+                UnixStream::connect(&self.socket)
+                    .await
+                    .map_err(|source| ClientError::Connect {
+                        socket: self.socket.display().to_string(),
+                        source,
+                    })?;
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             tokio::spawn(connection);
             let request = Request::builder()
                 .method(method)
@@ -263,9 +291,11 @@ impl Client {
             let status = response.status();
             let bytes = response.into_body().collect().await?.to_bytes();
             if !status.is_success() {
-                let error = serde_json::from_slice::<ErrorResponse>(&bytes).unwrap_or_else(|_| ErrorResponse {
-                    error: format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)),
-                    errors: Vec::new(),
+                let error = serde_json::from_slice::<ErrorResponse>(&bytes).unwrap_or_else(|_| {
+                    ErrorResponse {
+                        error: format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)),
+                        errors: Vec::new(),
+                    }
                 });
                 return Err(ClientError::Refused(error));
             }
@@ -279,8 +309,16 @@ impl Client {
     }
 
     /// Applies a YAML document.
-    pub async fn apply(&self, request: &ApplyRequest, prune: bool) -> Result<ApplyResponse, ClientError> {
-        let path = if prune { "/v1/apply?prune=true" } else { "/v1/apply" };
+    pub async fn apply(
+        &self,
+        request: &ApplyRequest,
+        prune: bool,
+    ) -> Result<ApplyResponse, ClientError> {
+        let path = if prune {
+            "/v1/apply?prune=true"
+        } else {
+            "/v1/apply"
+        };
         let body = serde_json::to_vec(request).map_err(|e| ClientError::Decode(e.to_string()))?;
         self.call(Method::POST, path, Some(body)).await
     }

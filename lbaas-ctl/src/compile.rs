@@ -69,13 +69,20 @@ pub fn desired(config: &Config) -> DesiredTables {
     for lb in &config.loadbalancers {
         let Some(vip) = lb.vip() else { continue };
         for listener in &lb.listeners {
-            let Ok(port) = u16::try_from(listener.protocol_port) else { continue };
-            let pool = listener.default_pool.as_deref().and_then(|name| lb.pool(name));
+            let Ok(port) = u16::try_from(listener.protocol_port) else {
+                continue;
+            };
+            let pool = listener
+                .default_pool
+                .as_deref()
+                .and_then(|name| lb.pool(name));
             let mut schedule = Vec::new();
             if let Some(pool) = pool {
                 let mut usable = Vec::new();
                 for member in &pool.members {
-                    let (Some(addr), Ok(port)) = (member.ipv4(), u16::try_from(member.protocol_port)) else {
+                    let (Some(addr), Ok(port)) =
+                        (member.ipv4(), u16::try_from(member.protocol_port))
+                    else {
                         continue;
                     };
                     let member_ref = MemberRef {
@@ -98,7 +105,11 @@ pub fn desired(config: &Config) -> DesiredTables {
                         .collect();
                 }
             }
-            let flags = if listener.protocol.is_l4() { 0 } else { VIP_F_L7_PASS };
+            let flags = if listener.protocol.is_l4() {
+                0
+            } else {
+                VIP_F_L7_PASS
+            };
             out.listeners.insert(
                 ListenerRef {
                     loadbalancer: lb.name.clone(),
@@ -188,7 +199,9 @@ pub enum TableError {
     #[error("too many members: the data path holds {MAX_MEMBERS}")]
     TooManyMembers,
     /// The schedules do not fit in the ring.
-    #[error("selection ring full: listener {listener} needs {needed} slots, {free} are free of {RING_SLOTS}")]
+    #[error(
+        "selection ring full: listener {listener} needs {needed} slots, {free} are free of {RING_SLOTS}"
+    )]
     RingFull {
         /// The listener.
         listener: String,
@@ -378,11 +391,7 @@ impl Programmer {
         }
         // 2. Each new or changed listener: ring region beside the live one, then one switch.
         for (listener, plan) in &want.listeners {
-            let schedule: Vec<u32> = plan
-                .schedule
-                .iter()
-                .map(|m| self.members[m])
-                .collect();
+            let schedule: Vec<u32> = plan.schedule.iter().map(|m| self.members[m]).collect();
             let live = self.listeners.get(listener).cloned();
             if let Some(live) = &live {
                 if live.schedule == schedule
@@ -396,7 +405,10 @@ impl Programmer {
             let id = match &live {
                 Some(live) => live.id,
                 None => {
-                    let id = self.listener_ids.take().ok_or(TableError::TooManyListeners)?;
+                    let id = self
+                        .listener_ids
+                        .take()
+                        .ok_or(TableError::TooManyListeners)?;
                     tables.reset_counter(id)?;
                     id
                 }
@@ -428,7 +440,8 @@ impl Programmer {
                     tables.remove_vip(live.vip)?;
                 }
                 // Nothing points at the old region any more; it is reused after a grace period.
-                self.quarantined.push((live.info.ring_base, live.info.ring_len));
+                self.quarantined
+                    .push((live.info.ring_base, live.info.ring_len));
             }
             self.listeners.insert(
                 listener.clone(),
@@ -452,7 +465,8 @@ impl Programmer {
             if !wanted_vips.contains(&live.vip) {
                 tables.remove_vip(live.vip)?;
             }
-            self.quarantined.push((live.info.ring_base, live.info.ring_len));
+            self.quarantined
+                .push((live.info.ring_base, live.info.ring_len));
             self.listener_ids.give_back(live.id);
             summary.vips_removed += 1;
         }

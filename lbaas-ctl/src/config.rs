@@ -682,7 +682,10 @@ pub fn validate(config: &Config) -> Vec<ValidationError> {
             if let Some(first) = listener_names.insert(listener.name.clone(), j) {
                 c.error(
                     format!("{lat}.name"),
-                    format!("{:?} is already used by {at}.listeners[{first}]", listener.name),
+                    format!(
+                        "{:?} is already used by {at}.listeners[{first}]",
+                        listener.name
+                    ),
                 );
             }
             validate_listener(&mut c, &lat, listener, lb);
@@ -694,7 +697,11 @@ pub fn validate(config: &Config) -> Vec<ValidationError> {
                         format!("{lat}.protocol_port"),
                         format!(
                             "{} port {} on {vip} is already used by {first}",
-                            if key.1 == lbaas_common::IPPROTO_UDP { "UDP" } else { "TCP" },
+                            if key.1 == lbaas_common::IPPROTO_UDP {
+                                "UDP"
+                            } else {
+                                "TCP"
+                            },
                             listener.protocol_port
                         ),
                     );
@@ -719,7 +726,9 @@ pub fn validate(config: &Config) -> Vec<ValidationError> {
 fn validate_vip(c: &mut Checker, at: &str, vip: &str) -> Option<Ipv4Addr> {
     let path = format!("{at}.vip_address");
     match vip.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(v4)) if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() => {
+        Ok(std::net::IpAddr::V4(v4))
+            if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() =>
+        {
             c.error(path, format!("{vip} is not a unicast address"));
             None
         }
@@ -754,11 +763,17 @@ fn validate_listener(c: &mut Checker, at: &str, l: &Listener, lb: &LoadBalancer)
     ] {
         c.range(format!("{at}.{name}"), value, 0, MAX_TIMEOUT_MS);
     }
-    let http = matches!(l.protocol, ListenerProtocol::Http | ListenerProtocol::TerminatedHttps);
+    let http = matches!(
+        l.protocol,
+        ListenerProtocol::Http | ListenerProtocol::TerminatedHttps
+    );
     if !l.insert_headers.is_empty() && !http {
         c.error(
             format!("{at}.insert_headers"),
-            format!("is only allowed on HTTP and TERMINATED_HTTPS listeners, not {}", l.protocol),
+            format!(
+                "is only allowed on HTTP and TERMINATED_HTTPS listeners, not {}",
+                l.protocol
+            ),
         );
     }
     if l.protocol == ListenerProtocol::TerminatedHttps && l.default_tls_container_ref.is_none() {
@@ -769,7 +784,10 @@ fn validate_listener(c: &mut Checker, at: &str, l: &Listener, lb: &LoadBalancer)
     }
     for (k, cidr) in l.allowed_cidrs.iter().enumerate() {
         if parse_cidr(cidr).is_none() {
-            c.error(format!("{at}.allowed_cidrs[{k}]"), format!("{cidr:?} is not a CIDR such as 192.0.2.0/24"));
+            c.error(
+                format!("{at}.allowed_cidrs[{k}]"),
+                format!("{cidr:?} is not a CIDR such as 192.0.2.0/24"),
+            );
         }
     }
     if let Some(pool_name) = &l.default_pool {
@@ -800,7 +818,10 @@ fn validate_listener(c: &mut Checker, at: &str, l: &Listener, lb: &LoadBalancer)
     if !http && !l.l7policies.is_empty() {
         c.error(
             format!("{at}.l7policies"),
-            format!("are only allowed on HTTP and TERMINATED_HTTPS listeners, not {}", l.protocol),
+            format!(
+                "are only allowed on HTTP and TERMINATED_HTTPS listeners, not {}",
+                l.protocol
+            ),
         );
     }
     for (k, policy) in l.l7policies.iter().enumerate() {
@@ -808,7 +829,10 @@ fn validate_listener(c: &mut Checker, at: &str, l: &Listener, lb: &LoadBalancer)
     }
     // What this version does not serve yet: refused rather than silently ignored.
     if http {
-        c.not_yet(format!("{at}.protocol"), &format!("{} (the L7 proxy)", l.protocol));
+        c.not_yet(
+            format!("{at}.protocol"),
+            &format!("{} (the L7 proxy)", l.protocol),
+        );
     }
     if l.connection_limit > 0 {
         c.not_yet(format!("{at}.connection_limit"), "a connection limit");
@@ -835,7 +859,10 @@ fn validate_policy(c: &mut Checker, at: &str, p: &L7Policy, lb: &LoadBalancer) {
     }
     match p.action {
         L7Action::RedirectToPool => match &p.redirect_pool {
-            None => c.error(format!("{at}.redirect_pool"), "is required for REDIRECT_TO_POOL"),
+            None => c.error(
+                format!("{at}.redirect_pool"),
+                "is required for REDIRECT_TO_POOL",
+            ),
             Some(name) if lb.pool(name).is_none() => c.error(
                 format!("{at}.redirect_pool"),
                 format!("no pool named {name:?} in this load balancer"),
@@ -843,17 +870,25 @@ fn validate_policy(c: &mut Checker, at: &str, p: &L7Policy, lb: &LoadBalancer) {
             Some(_) => {}
         },
         L7Action::RedirectToUrl => match &p.redirect_url {
-            None => c.error(format!("{at}.redirect_url"), "is required for REDIRECT_TO_URL"),
-            Some(url) if !is_http_url(url) => {
-                c.error(format!("{at}.redirect_url"), format!("{url:?} is not an http(s) URL"))
-            }
+            None => c.error(
+                format!("{at}.redirect_url"),
+                "is required for REDIRECT_TO_URL",
+            ),
+            Some(url) if !is_http_url(url) => c.error(
+                format!("{at}.redirect_url"),
+                format!("{url:?} is not an http(s) URL"),
+            ),
             Some(_) => {}
         },
         L7Action::RedirectPrefix => match &p.redirect_prefix {
-            None => c.error(format!("{at}.redirect_prefix"), "is required for REDIRECT_PREFIX"),
-            Some(url) if !is_http_url(url) => {
-                c.error(format!("{at}.redirect_prefix"), format!("{url:?} is not an http(s) URL"))
-            }
+            None => c.error(
+                format!("{at}.redirect_prefix"),
+                "is required for REDIRECT_PREFIX",
+            ),
+            Some(url) if !is_http_url(url) => c.error(
+                format!("{at}.redirect_prefix"),
+                format!("{url:?} is not an http(s) URL"),
+            ),
             Some(_) => {}
         },
         L7Action::Reject | L7Action::Invalid(_) => {}
@@ -861,11 +896,17 @@ fn validate_policy(c: &mut Checker, at: &str, p: &L7Policy, lb: &LoadBalancer) {
     if ![301, 302, 303, 307, 308].contains(&p.redirect_http_code) {
         c.error(
             format!("{at}.redirect_http_code"),
-            format!("{} is not one of 301, 302, 303, 307, 308", p.redirect_http_code),
+            format!(
+                "{} is not one of 301, 302, 303, 307, 308",
+                p.redirect_http_code
+            ),
         );
     }
     if p.rules.len() > 50 {
-        c.error(format!("{at}.rules"), format!("{} rules; at most 50 are allowed", p.rules.len()));
+        c.error(
+            format!("{at}.rules"),
+            format!("{} rules; at most 50 are allowed", p.rules.len()),
+        );
     }
     for (k, rule) in p.rules.iter().enumerate() {
         validate_rule(c, &format!("{at}.rules[{k}]"), rule);
@@ -896,19 +937,29 @@ fn validate_rule(c: &mut Checker, at: &str, r: &L7Rule) {
     }
     if matches!(r.rule_type, L7RuleType::Header | L7RuleType::Cookie) {
         match &r.key {
-            None => c.error(format!("{at}.key"), format!("is required for {} rules", r.rule_type)),
-            Some(key) if !is_token(key) => {
-                c.error(format!("{at}.key"), format!("{key:?} is not a valid header or cookie name"))
-            }
+            None => c.error(
+                format!("{at}.key"),
+                format!("is required for {} rules", r.rule_type),
+            ),
+            Some(key) if !is_token(key) => c.error(
+                format!("{at}.key"),
+                format!("{key:?} is not a valid header or cookie name"),
+            ),
             Some(_) => {}
         }
     }
     if r.rule_type == L7RuleType::FileType
-        && !matches!(r.compare_type, CompareType::Regex | CompareType::EqualTo | CompareType::Invalid(_))
+        && !matches!(
+            r.compare_type,
+            CompareType::Regex | CompareType::EqualTo | CompareType::Invalid(_)
+        )
     {
         c.error(
             format!("{at}.compare_type"),
-            format!("FILE_TYPE rules allow REGEX or EQUAL_TO, not {}", r.compare_type),
+            format!(
+                "FILE_TYPE rules allow REGEX or EQUAL_TO, not {}",
+                r.compare_type
+            ),
         );
     }
 }
@@ -938,7 +989,10 @@ fn validate_pool(c: &mut Checker, at: &str, p: &Pool) {
             );
         }
     }
-    if !matches!(p.lb_algorithm, LbAlgorithm::RoundRobin | LbAlgorithm::Invalid(_)) {
+    if !matches!(
+        p.lb_algorithm,
+        LbAlgorithm::RoundRobin | LbAlgorithm::Invalid(_)
+    ) {
         c.not_yet(format!("{at}.lb_algorithm"), p.lb_algorithm.as_str());
     }
     if p.session_persistence.is_some() {
@@ -949,29 +1003,57 @@ fn validate_pool(c: &mut Checker, at: &str, p: &Pool) {
     }
 }
 
-fn validate_persistence(c: &mut Checker, at: &str, sp: &SessionPersistence, protocol: &PoolProtocol) {
-    check_enum!(c, format!("{at}.type"), sp.persistence_type, PersistenceType);
-    let cookie = matches!(sp.persistence_type, PersistenceType::HttpCookie | PersistenceType::AppCookie);
+fn validate_persistence(
+    c: &mut Checker,
+    at: &str,
+    sp: &SessionPersistence,
+    protocol: &PoolProtocol,
+) {
+    check_enum!(
+        c,
+        format!("{at}.type"),
+        sp.persistence_type,
+        PersistenceType
+    );
+    let cookie = matches!(
+        sp.persistence_type,
+        PersistenceType::HttpCookie | PersistenceType::AppCookie
+    );
     if sp.persistence_type == PersistenceType::AppCookie && sp.cookie_name.is_none() {
         c.error(format!("{at}.cookie_name"), "is required for APP_COOKIE");
     }
     if sp.persistence_type != PersistenceType::AppCookie && sp.cookie_name.is_some() {
-        c.error(format!("{at}.cookie_name"), "is only allowed with APP_COOKIE");
+        c.error(
+            format!("{at}.cookie_name"),
+            "is only allowed with APP_COOKIE",
+        );
     }
     if let Some(name) = &sp.cookie_name {
         if !is_token(name) {
-            c.error(format!("{at}.cookie_name"), format!("{name:?} is not a valid cookie name"));
+            c.error(
+                format!("{at}.cookie_name"),
+                format!("{name:?} is not a valid cookie name"),
+            );
         }
     }
     if cookie && *protocol == PoolProtocol::Udp {
-        c.error(format!("{at}.type"), format!("{} is not allowed on UDP pools", sp.persistence_type));
+        c.error(
+            format!("{at}.type"),
+            format!("{} is not allowed on UDP pools", sp.persistence_type),
+        );
     }
     if *protocol != PoolProtocol::Udp {
         if sp.persistence_timeout.is_some() {
-            c.error(format!("{at}.persistence_timeout"), "is only allowed on UDP pools");
+            c.error(
+                format!("{at}.persistence_timeout"),
+                "is only allowed on UDP pools",
+            );
         }
         if sp.persistence_granularity.is_some() {
-            c.error(format!("{at}.persistence_granularity"), "is only allowed on UDP pools");
+            c.error(
+                format!("{at}.persistence_granularity"),
+                "is only allowed on UDP pools",
+            );
         }
     }
 }
@@ -1006,7 +1088,13 @@ fn validate_monitor(c: &mut Checker, at: &str, hm: &HealthMonitor, protocol: &Po
             ("expected_codes", hm.expected_codes.is_some()),
         ] {
             if set {
-                c.error(format!("{at}.{name}"), format!("is only allowed for HTTP and HTTPS monitors, not {}", hm.monitor_type));
+                c.error(
+                    format!("{at}.{name}"),
+                    format!(
+                        "is only allowed for HTTP and HTTPS monitors, not {}",
+                        hm.monitor_type
+                    ),
+                );
             }
         }
     }
@@ -1015,7 +1103,10 @@ fn validate_monitor(c: &mut Checker, at: &str, hm: &HealthMonitor, protocol: &Po
     }
     if let Some(path) = &hm.url_path {
         if !path.starts_with('/') || path.contains(char::is_whitespace) {
-            c.error(format!("{at}.url_path"), format!("{path:?} must be a path starting with /"));
+            c.error(
+                format!("{at}.url_path"),
+                format!("{path:?} must be a path starting with /"),
+            );
         }
     }
     if let Some(codes) = &hm.expected_codes {
@@ -1028,10 +1119,16 @@ fn validate_monitor(c: &mut Checker, at: &str, hm: &HealthMonitor, protocol: &Po
     }
     if hm.monitor_type == MonitorType::UdpConnect {
         if *protocol != PoolProtocol::Udp {
-            c.error(format!("{at}.type"), format!("UDP-CONNECT is only allowed on UDP pools, not {protocol}"));
+            c.error(
+                format!("{at}.type"),
+                format!("UDP-CONNECT is only allowed on UDP pools, not {protocol}"),
+            );
         }
         if hm.delay < 3 {
-            c.error(format!("{at}.delay"), format!("{} must be at least 3 for UDP-CONNECT", hm.delay));
+            c.error(
+                format!("{at}.delay"),
+                format!("{} must be at least 3 for UDP-CONNECT", hm.delay),
+            );
         }
     }
 }
@@ -1039,18 +1136,29 @@ fn validate_monitor(c: &mut Checker, at: &str, hm: &HealthMonitor, protocol: &Po
 fn validate_member(c: &mut Checker, at: &str, m: &Member) {
     c.text(format!("{at}.name"), &m.name, false);
     match m.address.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(v4)) if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() => {
-            c.error(format!("{at}.address"), format!("{v4} is not a unicast address"))
+        Ok(std::net::IpAddr::V4(v4))
+            if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() =>
+        {
+            c.error(
+                format!("{at}.address"),
+                format!("{v4} is not a unicast address"),
+            )
         }
         Ok(std::net::IpAddr::V4(_)) => {}
         Ok(std::net::IpAddr::V6(_)) => c.not_yet(format!("{at}.address"), "an IPv6 member"),
-        Err(_) => c.error(format!("{at}.address"), format!("{:?} is not an IP address", m.address)),
+        Err(_) => c.error(
+            format!("{at}.address"),
+            format!("{:?} is not an IP address", m.address),
+        ),
     }
     c.range(format!("{at}.protocol_port"), m.protocol_port, 1, 65535);
     c.range(format!("{at}.weight"), m.weight, 0, 256);
     if let Some(addr) = &m.monitor_address {
         if std::net::IpAddr::from_str(addr).is_err() {
-            c.error(format!("{at}.monitor_address"), format!("{addr:?} is not an IP address"));
+            c.error(
+                format!("{at}.monitor_address"),
+                format!("{addr:?} is not an IP address"),
+            );
         }
     }
     if let Some(port) = m.monitor_port {

@@ -59,7 +59,10 @@ struct Controller {
 fn read_state(path: &Path) -> anyhow::Result<State> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
-            format!("state file {} is corrupt; refusing to start (move it away to start empty)", path.display())
+            format!(
+                "state file {} is corrupt; refusing to start (move it away to start empty)",
+                path.display()
+            )
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
         Err(e) => Err(e).with_context(|| format!("reading state file {}", path.display())),
@@ -81,7 +84,11 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 fn vips(config: &Config) -> BTreeSet<Ipv4Addr> {
-    config.loadbalancers.iter().filter_map(|lb| lb.vip()).collect()
+    config
+        .loadbalancers
+        .iter()
+        .filter_map(|lb| lb.vip())
+        .collect()
 }
 
 impl Controller {
@@ -91,7 +98,10 @@ impl Controller {
         if !errors.is_empty() {
             return Err(ApiError {
                 status: StatusCode::BAD_REQUEST,
-                message: format!("the resulting configuration is invalid: {} error(s)", errors.len()),
+                message: format!(
+                    "the resulting configuration is invalid: {} error(s)",
+                    errors.len()
+                ),
                 errors,
             });
         }
@@ -110,20 +120,31 @@ impl Controller {
             members_written = summary.members_written,
             members_removed = summary.members_removed,
             "applied: {}",
-            changes.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            changes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         Ok(changes)
     }
 
     async fn sync_addresses(&mut self, wanted: &BTreeSet<Ipv4Addr>) -> Result<(), ApiError> {
-        let fail = |e: crate::net::NetError| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+        let fail = |e: crate::net::NetError| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        };
         for addr in wanted {
             if self.addresses.add(*addr).await.map_err(fail)? {
                 tracing::info!(%addr, "VIP address added");
                 self.state.owned_addresses.insert(*addr);
             }
         }
-        let stale: Vec<Ipv4Addr> = self.state.owned_addresses.difference(wanted).copied().collect();
+        let stale: Vec<Ipv4Addr> = self
+            .state
+            .owned_addresses
+            .difference(wanted)
+            .copied()
+            .collect();
         for addr in stale {
             self.addresses.remove(addr).await.map_err(fail)?;
             tracing::info!(%addr, "VIP address removed");
@@ -144,7 +165,9 @@ impl Controller {
     }
 
     fn stats(&self) -> Result<StatsResponse, ApiError> {
-        let fail = |e: crate::datapath::DatapathError| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+        let fail = |e: crate::datapath::DatapathError| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        };
         let global = self.datapath.global_stats().map_err(fail)?;
         let mut listeners = Vec::new();
         for lb in &self.state.config.loadbalancers {
@@ -153,7 +176,9 @@ impl Controller {
                     loadbalancer: lb.name.clone(),
                     listener: l.name.clone(),
                 };
-                let Some(id) = self.programmer.listener_id(&key) else { continue };
+                let Some(id) = self.programmer.listener_id(&key) else {
+                    continue;
+                };
                 let s = self.datapath.listener_stats(id).map_err(fail)?;
                 listeners.push(ListenerCounters {
                     loadbalancer: lb.name.clone(),
@@ -204,7 +229,10 @@ impl api::Handler for Daemon {
     async fn delete(&self, name: String) -> Result<ApplyResponse, ApiError> {
         let mut controller = self.controller.lock().await;
         let Some(new) = diff::remove(&controller.state.config, &name) else {
-            return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no load balancer named {name:?}")));
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no load balancer named {name:?}"),
+            ));
         };
         let changes = controller.commit(new).await?;
         Ok(ApplyResponse { changes })
@@ -236,7 +264,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         errors.is_empty(),
         "state file {} holds an invalid configuration; refusing to start:\n{}",
         state_path.display(),
-        errors.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n")
+        errors
+            .iter()
+            .map(|e| format!("  {e}"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 
     let mut datapath = Datapath::load(options.load)?;
@@ -249,8 +281,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     for interface in &interfaces {
         let mode = datapath.attach(interface)?;
         match mode {
-            AttachMode::Native => tracing::info!(%interface, "XDP attached in native (driver) mode"),
-            AttachMode::Generic => tracing::warn!(%interface, "driver has no native XDP: attached in generic (skb) mode"),
+            AttachMode::Native => {
+                tracing::info!(%interface, "XDP attached in native (driver) mode")
+            }
+            AttachMode::Generic => {
+                tracing::warn!(%interface, "driver has no native XDP: attached in generic (skb) mode")
+            }
         }
     }
     warn_if_not_forwarding();
@@ -280,7 +316,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     match std::fs::remove_file(&options.socket) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing stale socket {}", options.socket.display())),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("removing stale socket {}", options.socket.display()));
+        }
     }
     let listener = UnixListener::bind(&options.socket)
         .with_context(|| format!("binding API socket {}", options.socket.display()))?;

@@ -35,7 +35,9 @@ pub const GLOBAL_STAT_NAMES: [&str; STAT_COUNT as usize] = [
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     /// The binary was built without the eBPF object.
-    #[error("this lbaas-ctl was built without its XDP program (LBAAS_SKIP_EBPF=1); rebuild after `cargo xtask setup`")]
+    #[error(
+        "this lbaas-ctl was built without its XDP program (LBAAS_SKIP_EBPF=1); rebuild after `cargo xtask setup`"
+    )]
     NoProgram,
     /// The kernel refused the object (verifier, map creation).
     #[error("loading the XDP program failed: {0}")]
@@ -201,10 +203,12 @@ impl Datapath {
         let map: PerCpuArray<&MapData, u64> = self.per_cpu(MAP_GLOBAL_STATS)?;
         let mut out = [0u64; STAT_COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
-            let values = map.get(&(i as u32), 0).map_err(|source| DatapathError::Map {
-                map: MAP_GLOBAL_STATS,
-                source,
-            })?;
+            let values = map
+                .get(&(i as u32), 0)
+                .map_err(|source| DatapathError::Map {
+                    map: MAP_GLOBAL_STATS,
+                    source,
+                })?;
             *slot = values.iter().sum();
         }
         Ok(out)
@@ -213,10 +217,12 @@ impl Datapath {
     /// A listener's counters, summed over CPUs.
     pub fn listener_stats(&self, listener_id: u32) -> Result<ListenerStats, DatapathError> {
         let map: PerCpuArray<&MapData, ListenerStats> = self.per_cpu(MAP_LISTENER_STATS)?;
-        let values = map.get(&listener_id, 0).map_err(|source| DatapathError::Map {
-            map: MAP_LISTENER_STATS,
-            source,
-        })?;
+        let values = map
+            .get(&listener_id, 0)
+            .map_err(|source| DatapathError::Map {
+                map: MAP_LISTENER_STATS,
+                source,
+            })?;
         Ok(values.iter().fold(ListenerStats::default(), |mut sum, v| {
             sum.packets_in += v.packets_in;
             sum.bytes_in += v.bytes_in;

@@ -210,17 +210,33 @@ mod tests {
         let new = cfg("[{address: 10.9.1.1, protocol_port: 80}]", 80);
         assert_eq!(
             lines(&diff(&Config::default(), &new)),
-            ["+ loadbalancer lb", "+ listener lb/l", "+ pool lb/p", "+ member lb/p/10.9.1.1:80"]
+            [
+                "+ loadbalancer lb",
+                "+ listener lb/l",
+                "+ pool lb/p",
+                "+ member lb/p/10.9.1.1:80"
+            ]
         );
     }
 
     #[test]
     fn member_changes_and_listener_update() {
-        let old = cfg("[{address: 10.9.1.1, protocol_port: 80}, {address: 10.9.1.2, protocol_port: 80}]", 80);
-        let new = cfg("[{address: 10.9.1.2, protocol_port: 80, weight: 5}, {address: 10.9.1.3, protocol_port: 80}]", 81);
+        let old = cfg(
+            "[{address: 10.9.1.1, protocol_port: 80}, {address: 10.9.1.2, protocol_port: 80}]",
+            80,
+        );
+        let new = cfg(
+            "[{address: 10.9.1.2, protocol_port: 80, weight: 5}, {address: 10.9.1.3, protocol_port: 80}]",
+            81,
+        );
         assert_eq!(
             lines(&diff(&old, &new)),
-            ["~ listener lb/l", "~ member lb/p/10.9.1.2:80", "+ member lb/p/10.9.1.3:80", "- member lb/p/10.9.1.1:80"]
+            [
+                "~ listener lb/l",
+                "~ member lb/p/10.9.1.2:80",
+                "+ member lb/p/10.9.1.3:80",
+                "- member lb/p/10.9.1.1:80"
+            ]
         );
         assert!(diff(&new, &new).is_empty());
     }
@@ -241,7 +257,12 @@ mod tests {
         assert_eq!(pruned, file);
         assert_eq!(
             lines(&diff(&running, &pruned)),
-            ["+ member lb/p/10.9.1.1:80", "- loadbalancer other", "- listener other/l", "- pool other/p"]
+            [
+                "+ member lb/p/10.9.1.1:80",
+                "- loadbalancer other",
+                "- listener other/l",
+                "- pool other/p"
+            ]
         );
     }
 

@@ -17,7 +17,12 @@ use lbaas_ctl::{
 #[command(version, about)]
 struct Cli {
     /// The daemon's API socket.
-    #[arg(long, global = true, env = "LBAAS_SOCKET", default_value = "/run/lbaas/lbaas.sock")]
+    #[arg(
+        long,
+        global = true,
+        env = "LBAAS_SOCKET",
+        default_value = "/run/lbaas/lbaas.sock"
+    )]
     socket: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -98,7 +103,9 @@ enum LogFormat {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

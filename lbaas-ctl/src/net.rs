@@ -62,7 +62,11 @@ impl VipAddresses {
         })
     }
 
-    fn error(&self, action: &'static str, addr: Ipv4Addr) -> impl FnOnce(rtnetlink::Error) -> NetError {
+    fn error(
+        &self,
+        action: &'static str,
+        addr: Ipv4Addr,
+    ) -> impl FnOnce(rtnetlink::Error) -> NetError {
         let interface = self.interface.clone();
         move |source| NetError::Netlink {
             action,
@@ -72,7 +76,10 @@ impl VipAddresses {
         }
     }
 
-    async fn find(&self, addr: Ipv4Addr) -> Result<Option<netlink_packet_route::address::AddressMessage>, NetError> {
+    async fn find(
+        &self,
+        addr: Ipv4Addr,
+    ) -> Result<Option<netlink_packet_route::address::AddressMessage>, NetError> {
         self.handle
             .address()
             .get()

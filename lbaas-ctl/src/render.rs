@@ -55,20 +55,40 @@ pub fn rows(config: &Config, kind: Kind) -> Rows {
     let mut out = Rows::default();
     match kind {
         Kind::Loadbalancers => {
-            out.headers = vec!["name", "vip_address", "provisioning_status", "operating_status", "listeners", "pools"];
+            out.headers = vec![
+                "name",
+                "vip_address",
+                "provisioning_status",
+                "operating_status",
+                "listeners",
+                "pools",
+            ];
             for lb in &config.loadbalancers {
                 out.rows.push(vec![
                     lb.name.clone().into(),
                     lb.vip_address.clone().into(),
                     "ACTIVE".into(),
-                    (if lb.admin_state_up { "ONLINE" } else { "OFFLINE" }).into(),
+                    (if lb.admin_state_up {
+                        "ONLINE"
+                    } else {
+                        "OFFLINE"
+                    })
+                    .into(),
                     lb.listeners.len().into(),
                     lb.pools.len().into(),
                 ]);
             }
         }
         Kind::Listeners => {
-            out.headers = vec!["loadbalancer", "name", "protocol", "protocol_port", "default_pool", "connection_limit", "admin_state_up"];
+            out.headers = vec![
+                "loadbalancer",
+                "name",
+                "protocol",
+                "protocol_port",
+                "default_pool",
+                "connection_limit",
+                "admin_state_up",
+            ];
             for lb in &config.loadbalancers {
                 for l in &lb.listeners {
                     out.rows.push(vec![
@@ -84,7 +104,14 @@ pub fn rows(config: &Config, kind: Kind) -> Rows {
             }
         }
         Kind::Pools => {
-            out.headers = vec!["loadbalancer", "name", "protocol", "lb_algorithm", "members", "admin_state_up"];
+            out.headers = vec![
+                "loadbalancer",
+                "name",
+                "protocol",
+                "lb_algorithm",
+                "members",
+                "admin_state_up",
+            ];
             for lb in &config.loadbalancers {
                 for p in &lb.pools {
                     out.rows.push(vec![
@@ -99,7 +126,16 @@ pub fn rows(config: &Config, kind: Kind) -> Rows {
             }
         }
         Kind::Members => {
-            out.headers = vec!["loadbalancer", "pool", "name", "address", "protocol_port", "weight", "admin_state_up", "operating_status"];
+            out.headers = vec![
+                "loadbalancer",
+                "pool",
+                "name",
+                "address",
+                "protocol_port",
+                "weight",
+                "admin_state_up",
+                "operating_status",
+            ];
             for lb in &config.loadbalancers {
                 for p in &lb.pools {
                     for m in &p.members {
@@ -124,7 +160,15 @@ pub fn rows(config: &Config, kind: Kind) -> Rows {
 /// The rows of `stats`.
 pub fn stats_rows(stats: &StatsResponse) -> Rows {
     let mut out = Rows {
-        headers: vec!["loadbalancer", "listener", "total_connections", "packets_in", "bytes_in", "packets_out", "bytes_out"],
+        headers: vec![
+            "loadbalancer",
+            "listener",
+            "total_connections",
+            "packets_in",
+            "bytes_in",
+            "packets_out",
+            "bytes_out",
+        ],
         rows: Vec::new(),
     };
     for l in &stats.listeners {
@@ -170,12 +214,23 @@ impl Rows {
 
     /// Aligned text with a header line.
     pub fn to_table(&self) -> String {
-        let cells: Vec<Vec<String>> = self.rows.iter().map(|r| r.iter().map(cell).collect()).collect();
+        let cells: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|r| r.iter().map(cell).collect())
+            .collect();
         let widths: Vec<usize> = self
             .headers
             .iter()
             .enumerate()
-            .map(|(i, h)| cells.iter().map(|r| r[i].chars().count()).chain([h.len()]).max().unwrap_or(0))
+            .map(|(i, h)| {
+                cells
+                    .iter()
+                    .map(|r| r[i].chars().count())
+                    .chain([h.len()])
+                    .max()
+                    .unwrap_or(0)
+            })
             .collect();
         let line = |values: Vec<&str>| {
             values
@@ -200,7 +255,10 @@ impl Rows {
     pub fn render(&self, format: Format) -> String {
         match format {
             Format::Table => self.to_table(),
-            Format::Json => format!("{}\n", serde_json::to_string_pretty(&self.to_value()).unwrap_or_default()),
+            Format::Json => format!(
+                "{}\n",
+                serde_json::to_string_pretty(&self.to_value()).unwrap_or_default()
+            ),
             Format::Yaml => serde_yaml_ng::to_string(&self.to_value()).unwrap_or_default(),
         }
     }

@@ -15,11 +15,8 @@ fn fold(mut sum: u32) -> u16 {
 #[inline(always)]
 pub fn replace4(check: u16, old: u32, new: u32) -> u16 {
     let not_old = !old;
-    let sum = u32::from(!check)
-        + (not_old >> 16)
-        + (not_old & 0xffff)
-        + (new >> 16)
-        + (new & 0xffff);
+    let sum =
+        u32::from(!check) + (not_old >> 16) + (not_old & 0xffff) + (new >> 16) + (new & 0xffff);
     !fold(sum)
 }
 

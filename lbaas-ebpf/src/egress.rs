@@ -1,17 +1,14 @@
 //! Address rewrite with incremental checksums, then the next hop from the kernel's FIB.
 
 use aya_ebpf::{
-    bindings::{
-        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action,
-    },
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
     helpers::generated::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
 use lbaas_common::{IPPROTO_TCP, STAT_FORWARDED, STAT_PASS_NO_NEIGH};
 
 use crate::{
-    checksum,
-    maps,
+    checksum, maps,
     parse::{Packet, ip, l4, read, write},
 };
 
@@ -48,7 +45,11 @@ pub fn rewrite_and_send(ctx: &XdpContext, pkt: &Packet, rewrite: Rewrite) -> Res
     };
     let ip_check_off = pkt.l3_off + ip::CHECK;
     let ip_check: u16 = read(ctx, ip_check_off)?;
-    write(ctx, ip_check_off, checksum::replace4(ip_check, old_addr, addr))?;
+    write(
+        ctx,
+        ip_check_off,
+        checksum::replace4(ip_check, old_addr, addr),
+    )?;
     write(ctx, pkt.l3_off + addr_off, addr)?;
 
     let l4_check_off = if pkt.proto == IPPROTO_TCP {

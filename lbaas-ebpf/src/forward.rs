@@ -4,8 +4,8 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lbaas_common::{
-    FlowKey, FlowState, MemberInfo, ReverseNat, STAT_DROP_NO_MEMBER, STAT_PASS_L7,
-    VIP_F_L7_PASS, VipInfo,
+    FlowKey, FlowState, MemberInfo, ReverseNat, STAT_DROP_NO_MEMBER, STAT_PASS_L7, VIP_F_L7_PASS,
+    VipInfo,
 };
 
 use crate::{

@@ -133,34 +133,115 @@ impl Topology {
             run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         }
         let (c, lb, sw) = (self.client(), self.lb(), self.switch());
-        run(&["ip", "link", "add", "eth0", "netns", &c, "type", "veth", "peer", "name", "lan0", "netns", &lb]);
-        run(&["ip", "link", "add", "mem0", "netns", &lb, "type", "veth", "peer", "name", "p-lb", "netns", &sw]);
+        run(&[
+            "ip", "link", "add", "eth0", "netns", &c, "type", "veth", "peer", "name", "lan0",
+            "netns", &lb,
+        ]);
+        run(&[
+            "ip", "link", "add", "mem0", "netns", &lb, "type", "veth", "peer", "name", "p-lb",
+            "netns", &sw,
+        ]);
         run(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
         run(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
-        run(&["ip", "-n", &sw, "link", "set", "p-lb", "master", "br0", "up"]);
-        run(&["ip", "-n", &c, "addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"]);
+        run(&[
+            "ip", "-n", &sw, "link", "set", "p-lb", "master", "br0", "up",
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &c,
+            "addr",
+            "add",
+            &format!("{CLIENT_ADDR}/24"),
+            "dev",
+            "eth0",
+        ]);
         run(&["ip", "-n", &c, "link", "set", "eth0", "up"]);
-        run(&["ip", "-n", &c, "route", "add", "default", "via", LB_CLIENT_SIDE_ADDR]);
-        run(&["ip", "-n", &lb, "addr", "add", &format!("{LB_CLIENT_SIDE_ADDR}/24"), "dev", "lan0"]);
-        run(&["ip", "-n", &lb, "addr", "add", &format!("{LB_MEMBER_SIDE_ADDR}/24"), "dev", "mem0"]);
+        run(&[
+            "ip",
+            "-n",
+            &c,
+            "route",
+            "add",
+            "default",
+            "via",
+            LB_CLIENT_SIDE_ADDR,
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &lb,
+            "addr",
+            "add",
+            &format!("{LB_CLIENT_SIDE_ADDR}/24"),
+            "dev",
+            "lan0",
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &lb,
+            "addr",
+            "add",
+            &format!("{LB_MEMBER_SIDE_ADDR}/24"),
+            "dev",
+            "mem0",
+        ]);
         run(&["ip", "-n", &lb, "link", "set", "lan0", "up"]);
         run(&["ip", "-n", &lb, "link", "set", "mem0", "up"]);
-        run(&["ip", "netns", "exec", &lb, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &lb,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
         for i in 1..=self.members {
             let m = self.member(i);
             let port = format!("p-m{i}");
-            run(&["ip", "link", "add", "eth0", "netns", &m, "type", "veth", "peer", "name", &port, "netns", &sw]);
+            run(&[
+                "ip", "link", "add", "eth0", "netns", &m, "type", "veth", "peer", "name", &port,
+                "netns", &sw,
+            ]);
             run(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"]);
-            run(&["ip", "-n", &m, "addr", "add", &format!("{}/24", member_addr(i)), "dev", "eth0"]);
+            run(&[
+                "ip",
+                "-n",
+                &m,
+                "addr",
+                "add",
+                &format!("{}/24", member_addr(i)),
+                "dev",
+                "eth0",
+            ]);
             run(&["ip", "-n", &m, "link", "set", "eth0", "up"]);
-            run(&["ip", "-n", &m, "route", "add", "default", "via", LB_MEMBER_SIDE_ADDR]);
+            run(&[
+                "ip",
+                "-n",
+                &m,
+                "route",
+                "add",
+                "default",
+                "via",
+                LB_MEMBER_SIDE_ADDR,
+            ]);
             // veth offloads checksums; an XDP-forwarded frame would carry a partial one.
-            run(&["ip", "netns", "exec", &m, "ethtool", "-K", "eth0", "tx", "off"]);
+            run(&[
+                "ip", "netns", "exec", &m, "ethtool", "-K", "eth0", "tx", "off",
+            ]);
         }
-        run(&["ip", "netns", "exec", &c, "ethtool", "-K", "eth0", "tx", "off"]);
+        run(&[
+            "ip", "netns", "exec", &c, "ethtool", "-K", "eth0", "tx", "off",
+        ]);
         // Frames XDP-redirected into a veth are dropped unless its peer takes XDP frames.
-        run(&["ip", "netns", "exec", &c, "ethtool", "-K", "eth0", "gro", "on"]);
-        run(&["ip", "netns", "exec", &sw, "ethtool", "-K", "p-lb", "gro", "on"]);
+        run(&[
+            "ip", "netns", "exec", &c, "ethtool", "-K", "eth0", "gro", "on",
+        ]);
+        run(&[
+            "ip", "netns", "exec", &sw, "ethtool", "-K", "p-lb", "gro", "on",
+        ]);
     }
 
     /// Starts a process inside namespace `ns`; it is killed on drop.
@@ -212,7 +293,16 @@ impl Topology {
         let ns = self.member(i);
         self.spawn(
             &ns,
-            &["/usr/bin/python3", "-m", "http.server", "80", "--bind", &addr, "--directory", &root],
+            &[
+                "/usr/bin/python3",
+                "-m",
+                "http.server",
+                "80",
+                "--bind",
+                &addr,
+                "--directory",
+                &root,
+            ],
             &format!("http{i}.log"),
         );
         self.wait_tcp(&ns, &addr, 80);
@@ -226,26 +316,38 @@ impl Topology {
              while True:\n d,a=s.recvfrom(2048)\n s.sendto(b'member-{i}:'+d,a)\n"
         );
         let ns = self.member(i);
-        self.spawn(&ns, &["/usr/bin/python3", "-u", "-c", &script], &format!("udp{i}.log"));
+        self.spawn(
+            &ns,
+            &["/usr/bin/python3", "-u", "-c", &script],
+            &format!("udp{i}.log"),
+        );
         // Ready when the socket is bound.
-        wait_until(Duration::from_secs(10), &format!("UDP server on {addr}"), || {
-            let out = Command::new("ip")
-                .args(["netns", "exec", &ns, "ss", "-lun"])
-                .output()
-                .expect("ss");
-            String::from_utf8_lossy(&out.stdout).contains(&format!("{addr}:5353"))
-        });
+        wait_until(
+            Duration::from_secs(10),
+            &format!("UDP server on {addr}"),
+            || {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", &ns, "ss", "-lun"])
+                    .output()
+                    .expect("ss");
+                String::from_utf8_lossy(&out.stdout).contains(&format!("{addr}:5353"))
+            },
+        );
     }
 
     /// Waits until something listens on `addr:port` (TCP) in `ns`.
     pub fn wait_tcp(&self, ns: &str, addr: &str, port: u16) {
-        wait_until(Duration::from_secs(10), &format!("TCP listener {addr}:{port}"), || {
-            let out = Command::new("ip")
-                .args(["netns", "exec", ns, "ss", "-ltn"])
-                .output()
-                .expect("ss");
-            String::from_utf8_lossy(&out.stdout).contains(&format!("{addr}:{port}"))
-        });
+        wait_until(
+            Duration::from_secs(10),
+            &format!("TCP listener {addr}:{port}"),
+            || {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", ns, "ss", "-ltn"])
+                    .output()
+                    .expect("ss");
+                String::from_utf8_lossy(&out.stdout).contains(&format!("{addr}:{port}"))
+            },
+        );
     }
 
     /// Runs a command in namespace `ns` and returns its output (not checked).
@@ -283,7 +385,10 @@ impl Topology {
 pub fn wait_until(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !ready() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -1,1 +1,415 @@
-fn main(){}
+//! `cargo xtask setup|build|test|demo`: toolchain bootstrap, builds, the test suite and the demo.
+
+#[path = "../../tests/common/topology.rs"]
+mod topology;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail, ensure};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "lbaas developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent): nightly rust-src, bpf-linker
+    /// built against the nightly's own LLVM, bpffs, and the Debian packages the tests use.
+    Setup,
+    /// Build `target/release/lbaas-ctl` with the XDP program embedded.
+    Build,
+    /// Run every test: unit, packet (BPF_PROG_TEST_RUN) and network-namespace tests. Root.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build, start a demo topology in namespaces, apply examples/demo.yaml, show round robin.
+    Demo {
+        /// Leave the topology and daemon running and print how to use them.
+        #[arg(long)]
+        keep: bool,
+        /// Tear down a topology left by `demo --keep`.
+        #[arg(long, conflicts_with = "keep")]
+        down: bool,
+    },
+}
+
+/// Debian packages the tests and the demo use.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "curl",
+    "iputils-ping",
+    "python3",
+    "procps",
+];
+
+/// bpf-linker release known to work with aya 0.14 (see shared/TOOLCHAIN.md).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cmd(program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args);
+    c
+}
+
+fn status(mut c: Command) -> anyhow::Result<()> {
+    let shown = format!("{c:?}");
+    let st = c.status().with_context(|| format!("running {shown}"))?;
+    ensure!(st.success(), "{shown} failed: {st}");
+    Ok(())
+}
+
+fn output(mut c: Command) -> anyhow::Result<String> {
+    let shown = format!("{c:?}");
+    let out = c.output().with_context(|| format!("running {shown}"))?;
+    ensure!(
+        out.status.success(),
+        "{shown} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output(cmd("id", &["-u"])).is_ok_and(|uid| uid.trim() == "0")
+}
+
+fn cache_dir() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".cache/lbaas")
+}
+
+/// The nightly's libLLVM file name and LLVM major version.
+fn nightly_llvm() -> anyhow::Result<(PathBuf, String, u32)> {
+    let sysroot = PathBuf::from(output(cmd("rustc", &["+nightly", "--print", "sysroot"]))?.trim());
+    let lib_dir = sysroot.join("lib");
+    let lib = std::fs::read_dir(&lib_dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
+    let major = lib
+        .trim_start_matches("libLLVM.so.")
+        .split(['.', '-'])
+        .next()
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("cannot read the LLVM major version from {lib}"))?;
+    Ok((lib_dir, lib, major))
+}
+
+/// What `setup` would still have to do.
+#[derive(Debug, Default)]
+struct Missing {
+    nightly: bool,
+    rust_src: bool,
+    bpf_linker: bool,
+    bpffs: bool,
+    packages: Vec<&'static str>,
+}
+
+impl Missing {
+    fn nothing(&self) -> bool {
+        !self.nightly
+            && !self.rust_src
+            && !self.bpf_linker
+            && !self.bpffs
+            && self.packages.is_empty()
+    }
+}
+
+fn linker_marker() -> PathBuf {
+    cache_dir().join("bpf-linker.built-against")
+}
+
+fn survey() -> Missing {
+    let mut missing = Missing::default();
+    let toolchains = output(cmd("rustup", &["toolchain", "list"])).unwrap_or_default();
+    missing.nightly = !toolchains.lines().any(|l| l.starts_with("nightly"));
+    let components = output(cmd(
+        "rustup",
+        &["component", "list", "--toolchain", "nightly", "--installed"],
+    ))
+    .unwrap_or_default();
+    missing.rust_src = !components.lines().any(|l| l.starts_with("rust-src"));
+    // bpf-linker must run, and must have been built against this nightly's libLLVM.
+    let linker_ok =
+        output(cmd("bpf-linker", &["--version"])).is_ok_and(|v| v.contains(BPF_LINKER_VERSION));
+    let built_against = std::fs::read_to_string(linker_marker()).unwrap_or_default();
+    let current = nightly_llvm().map(|(_, lib, _)| lib).unwrap_or_default();
+    missing.bpf_linker = !linker_ok || current.is_empty() || built_against.trim() != current;
+    missing.bpffs = !std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("bpf"));
+    missing.packages = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(cmd("dpkg-query", &["-W", "-f", "${Status}", p]))
+                .is_ok_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    missing
+}
+
+fn setup(missing: &Missing) -> anyhow::Result<()> {
+    if !missing.packages.is_empty() {
+        ensure!(
+            is_root(),
+            "Debian packages {:?} are missing and installing them needs root: run `sudo cargo xtask setup`",
+            missing.packages
+        );
+        eprintln!("setup: installing Debian packages {:?}", missing.packages);
+        status(cmd("apt-get", &["update", "-qq"]))?;
+        let mut install = cmd(
+            "apt-get",
+            &["install", "-y", "-qq", "--no-install-recommends"],
+        );
+        install
+            .args(&missing.packages)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        status(install)?;
+    }
+    if missing.nightly {
+        eprintln!("setup: installing the nightly toolchain");
+        status(cmd(
+            "rustup",
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+        ))?;
+    }
+    if missing.rust_src || missing.nightly {
+        eprintln!("setup: adding rust-src to nightly (for -Z build-std=core)");
+        status(cmd(
+            "rustup",
+            &["component", "add", "rust-src", "--toolchain", "nightly"],
+        ))?;
+    }
+    if missing.bpf_linker {
+        install_bpf_linker()?;
+    }
+    if missing.bpffs {
+        if is_root() {
+            eprintln!("setup: mounting bpffs on /sys/fs/bpf");
+            status(cmd("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+        } else {
+            eprintln!("setup: bpffs is not mounted (needs root: mount -t bpf bpf /sys/fs/bpf)");
+        }
+    }
+    Ok(())
+}
+
+/// Builds bpf-linker against the libLLVM that ships inside the nightly toolchain, so that the
+/// linker and rustc agree on the LLVM version without a system LLVM.
+fn install_bpf_linker() -> anyhow::Result<()> {
+    let (lib_dir, lib, major) = nightly_llvm()?;
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's {lib} (LLVM {major}); about a minute"
+    );
+    let prefix = cache_dir().join("llvm");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    for name in ["libLLVM.so".to_string(), lib.clone()] {
+        let link = prefix_lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib_dir.join(&lib), &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    let mut install = cmd(
+        "cargo",
+        &[
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--force",
+            "--no-default-features",
+        ],
+    );
+    install
+        .arg("--features")
+        .arg(format!("llvm-{major}"))
+        .env("LLVM_PREFIX", &prefix)
+        .env_remove("RUSTUP_TOOLCHAIN");
+    status(install)?;
+    std::fs::write(linker_marker(), &lib)?;
+    Ok(())
+}
+
+fn ensure_setup() -> anyhow::Result<()> {
+    let missing = survey();
+    if !missing.nothing() {
+        eprintln!("setup: something is missing ({missing:?}); running setup");
+        setup(&missing)?;
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut c = cmd("cargo", args);
+    c.current_dir(workspace()).env_remove("RUSTUP_TOOLCHAIN");
+    c
+}
+
+fn build() -> anyhow::Result<PathBuf> {
+    ensure_setup()?;
+    status(cargo(&["build", "--release", "-p", "lbaas-ctl"]))?;
+    Ok(workspace().join("target/release/lbaas-ctl"))
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    ensure!(
+        is_root(),
+        "the tests load XDP programs and create network namespaces: run as root (`sudo cargo xtask test`)"
+    );
+    ensure_setup()?;
+    let mut c = cargo(&["test"]);
+    c.args(args);
+    status(c)
+}
+
+fn ctl(binary: &Path, socket: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let mut c = Command::new(binary);
+    c.arg("--socket").arg(socket).args(args);
+    output(c)
+}
+
+fn demo_down() -> anyhow::Result<()> {
+    let list = output(cmd("ip", &["netns", "list"]))?;
+    let mut removed = 0;
+    for ns in list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with("lbt-demo-"))
+    {
+        let pids = output(cmd("ip", &["netns", "pids", ns])).unwrap_or_default();
+        for pid in pids.split_whitespace() {
+            let _ = cmd("kill", &[pid]).status();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        status(cmd("ip", &["netns", "del", ns]))?;
+        removed += 1;
+    }
+    println!("removed {removed} demo namespace(s)");
+    Ok(())
+}
+
+fn demo(keep: bool) -> anyhow::Result<()> {
+    ensure!(
+        is_root(),
+        "the demo creates network namespaces and loads XDP: run as root (`sudo cargo xtask demo`)"
+    );
+    let binary = build()?;
+    println!(
+        "== topology: client -- LB node (XDP on both arms) -- switch -- 2 members running HTTP servers"
+    );
+    let mut topo = topology::Topology::new("demo", 2);
+    topo.start_http_member(1);
+    topo.start_http_member(2);
+    let socket = topo.path("lbaas.sock");
+    let state = topo.path("state");
+    let lb = topo.lb();
+    let (binary_s, socket_s, state_s) = (
+        binary.display().to_string(),
+        socket.display().to_string(),
+        state.display().to_string(),
+    );
+    topo.spawn(
+        &lb,
+        &[
+            &binary_s,
+            "--socket",
+            &socket_s,
+            "daemon",
+            "--interface",
+            "lan0",
+            "--member-interface",
+            "mem0",
+            "--state-dir",
+            &state_s,
+        ],
+        "daemon.log",
+    );
+    topology::wait_until(std::time::Duration::from_secs(20), "the daemon", || {
+        ctl(&binary, &socket, &["get", "loadbalancers"]).is_ok()
+    });
+    let file = workspace().join("examples/demo.yaml");
+    println!("== lbaas-ctl apply -f examples/demo.yaml");
+    print!(
+        "{}",
+        ctl(
+            &binary,
+            &socket,
+            &["apply", "-f", &file.display().to_string()]
+        )?
+    );
+    println!(
+        "== six connections: curl http://{}/ from the client namespace",
+        topology::VIP
+    );
+    let url = format!("http://{}/", topology::VIP);
+    for i in 1..=6 {
+        match topo.curl(&url) {
+            Ok(body) => println!("curl #{i}: {body}"),
+            Err(e) => bail!("curl #{i} failed: {e}\n{}", topo.log("daemon.log")),
+        }
+    }
+    println!("== lbaas-ctl get members");
+    print!("{}", ctl(&binary, &socket, &["get", "members"])?);
+    println!("== lbaas-ctl stats");
+    print!("{}", ctl(&binary, &socket, &["stats"])?);
+    if keep {
+        let client = topo.client();
+        println!("\nThe demo stays up. Try:");
+        println!("  ip netns exec {client} curl http://{}/", topology::VIP);
+        println!("  {binary_s} --socket {socket_s} get members");
+        println!("  {binary_s} --socket {socket_s} apply -f examples/demo.yaml");
+        println!("  daemon log: {}", topo.path("daemon.log").display());
+        println!("Tear it down with: cargo xtask demo --down");
+        std::mem::forget(topo);
+    } else {
+        println!("== tearing down");
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => {
+            let missing = survey();
+            setup(&missing)?;
+            let after = survey();
+            ensure!(
+                after.nothing(),
+                "setup finished but still missing: {after:?}"
+            );
+            println!("setup: everything is in place");
+            Ok(())
+        }
+        Task::Build => {
+            let binary = build()?;
+            println!("built {}", binary.display());
+            Ok(())
+        }
+        Task::Test { args } => test(&args),
+        Task::Demo { down: true, .. } => demo_down(),
+        Task::Demo { keep, .. } => demo(keep),
+    }
+}

@@ -17,9 +17,18 @@ impl MemoryTables {
     fn check_consistent(&self) {
         for (key, info) in &self.vips {
             for slot in info.ring_base..info.ring_base + info.ring_len {
-                let id = self.ring.get(&slot).unwrap_or_else(|| panic!("{key:?}: slot {slot} unwritten"));
-                let member = self.members.get(id).unwrap_or_else(|| panic!("{key:?}: member {id} unknown"));
-                assert_ne!(member.addr, 0, "{key:?}: slot {slot} names cleared member {id}");
+                let id = self
+                    .ring
+                    .get(&slot)
+                    .unwrap_or_else(|| panic!("{key:?}: slot {slot} unwritten"));
+                let member = self
+                    .members
+                    .get(id)
+                    .unwrap_or_else(|| panic!("{key:?}: member {id} unknown"));
+                assert_ne!(
+                    member.addr, 0,
+                    "{key:?}: slot {slot} names cleared member {id}"
+                );
             }
         }
     }
@@ -137,23 +146,35 @@ fn schedule_counts_match_weights_for_many_members() {
 fn programs_round_robin_ring_and_switches_make_before_break() {
     let mut tables = MemoryTables::default();
     let mut programmer = Programmer::new();
-    let first = config("[{address: 10.9.1.1, protocol_port: 8080}, {address: 10.9.1.2, protocol_port: 8080}]");
+    let first = config(
+        "[{address: 10.9.1.1, protocol_port: 8080}, {address: 10.9.1.2, protocol_port: 8080}]",
+    );
     programmer.apply(&mut tables, &desired(&first)).unwrap();
     assert_eq!(tables.rotation(&web_key()), vec![ip(1), ip(2)]);
 
     // Replace member 1 with 3, weight 2 for member 2: checked after every write.
-    let second = config("[{address: 10.9.1.2, protocol_port: 8080, weight: 2}, {address: 10.9.1.3, protocol_port: 8080}]");
+    let second = config(
+        "[{address: 10.9.1.2, protocol_port: 8080, weight: 2}, {address: 10.9.1.3, protocol_port: 8080}]",
+    );
     let summary = programmer.apply(&mut tables, &desired(&second)).unwrap();
     assert_eq!(summary.vips_written, 1);
     assert_eq!(summary.members_written, 1);
     assert_eq!(summary.members_removed, 1);
     assert_eq!(tables.rotation(&web_key()), vec![ip(2), ip(3), ip(2)]);
-    let removed = programmer.member_id(&MemberRef { loadbalancer: "lb".into(), pool: "p".into(), addr: ip(1).0, port: 8080 });
+    let removed = programmer.member_id(&MemberRef {
+        loadbalancer: "lb".into(),
+        pool: "p".into(),
+        addr: ip(1).0,
+        port: 8080,
+    });
     assert_eq!(removed, None);
 
     // The same config again writes nothing.
     let before = tables.writes;
-    assert_eq!(programmer.apply(&mut tables, &desired(&second)).unwrap(), ProgramSummary::default());
+    assert_eq!(
+        programmer.apply(&mut tables, &desired(&second)).unwrap(),
+        ProgramSummary::default()
+    );
     assert_eq!(tables.writes, before);
 }
 
@@ -161,11 +182,20 @@ fn programs_round_robin_ring_and_switches_make_before_break() {
 fn drained_and_disabled_members_keep_their_slot_but_get_no_turns() {
     let mut tables = MemoryTables::default();
     let mut programmer = Programmer::new();
-    let c = config("[{address: 10.9.1.1, protocol_port: 8080, weight: 0}, {address: 10.9.1.2, protocol_port: 8080, admin_state_up: false}, {address: 10.9.1.3, protocol_port: 8080}]");
+    let c = config(
+        "[{address: 10.9.1.1, protocol_port: 8080, weight: 0}, {address: 10.9.1.2, protocol_port: 8080, admin_state_up: false}, {address: 10.9.1.3, protocol_port: 8080}]",
+    );
     programmer.apply(&mut tables, &desired(&c)).unwrap();
     assert_eq!(tables.rotation(&web_key()), vec![ip(3)]);
-    let drained = MemberRef { loadbalancer: "lb".into(), pool: "p".into(), addr: ip(1).0, port: 8080 };
-    let id = programmer.member_id(&drained).expect("drained member keeps its slot");
+    let drained = MemberRef {
+        loadbalancer: "lb".into(),
+        pool: "p".into(),
+        addr: ip(1).0,
+        port: 8080,
+    };
+    let id = programmer
+        .member_id(&drained)
+        .expect("drained member keeps its slot");
     assert_ne!(tables.members[&id].addr, 0);
 }
 
@@ -173,7 +203,9 @@ fn drained_and_disabled_members_keep_their_slot_but_get_no_turns() {
 fn no_usable_member_means_empty_ring() {
     let mut tables = MemoryTables::default();
     let mut programmer = Programmer::new();
-    programmer.apply(&mut tables, &desired(&config("[]"))).unwrap();
+    programmer
+        .apply(&mut tables, &desired(&config("[]")))
+        .unwrap();
     assert_eq!(tables.vips[&web_key()].ring_len, 0);
 }
 
@@ -181,12 +213,21 @@ fn no_usable_member_means_empty_ring() {
 fn removed_listener_frees_its_vip_and_ring() {
     let mut tables = MemoryTables::default();
     let mut programmer = Programmer::new();
-    programmer.apply(&mut tables, &desired(&config("[{address: 10.9.1.1, protocol_port: 8080}]"))).unwrap();
-    programmer.apply(&mut tables, &desired(&Config::default())).unwrap();
+    programmer
+        .apply(
+            &mut tables,
+            &desired(&config("[{address: 10.9.1.1, protocol_port: 8080}]")),
+        )
+        .unwrap();
+    programmer
+        .apply(&mut tables, &desired(&Config::default()))
+        .unwrap();
     assert!(tables.vips.is_empty());
     // Freed regions are reused only from the next apply on (readers may still be in them).
     assert!(programmer.ring.largest_free() < RING_SLOTS);
-    programmer.apply(&mut tables, &desired(&Config::default())).unwrap();
+    programmer
+        .apply(&mut tables, &desired(&Config::default()))
+        .unwrap();
     assert!(tables.members.values().all(|m| m.addr == 0));
     assert_eq!(programmer.ring.largest_free(), RING_SLOTS);
 }
@@ -194,15 +235,26 @@ fn removed_listener_frees_its_vip_and_ring() {
 #[test]
 fn listener_taking_over_a_deleted_listeners_port_keeps_it() {
     let two = |a: u16, b: Option<u16>| {
-        let second = b.map(|p| format!("      - {{name: b, protocol: TCP, protocol_port: {p}, default_pool: p}}\n")).unwrap_or_default();
+        let second = b
+            .map(|p| {
+                format!("      - {{name: b, protocol: TCP, protocol_port: {p}, default_pool: p}}\n")
+            })
+            .unwrap_or_default();
         config::load_str(&format!("loadbalancers:\n  - name: lb\n    vip_address: 10.9.0.1\n    listeners:\n      - {{name: a, protocol: TCP, protocol_port: {a}, default_pool: p}}\n{second}    pools:\n      - {{name: p, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: [{{address: 10.9.1.1, protocol_port: 8080}}]}}\n"), "t").unwrap()
     };
     let mut tables = MemoryTables::default();
     let mut programmer = Programmer::new();
-    programmer.apply(&mut tables, &desired(&two(81, Some(80)))).unwrap();
-    programmer.apply(&mut tables, &desired(&two(80, None))).unwrap();
+    programmer
+        .apply(&mut tables, &desired(&two(81, Some(80))))
+        .unwrap();
+    programmer
+        .apply(&mut tables, &desired(&two(80, None)))
+        .unwrap();
     assert_eq!(tables.vips.len(), 1);
-    assert!(tables.vips.contains_key(&web_key()), "port 80 must stay served");
+    assert!(
+        tables.vips.contains_key(&web_key()),
+        "port 80 must stay served"
+    );
 }
 
 #[test]
@@ -227,5 +279,8 @@ fn ring_full_is_a_clear_error() {
     let err = programmer
         .apply(&mut tables, &desired(&config("[{address: 10.9.1.1, protocol_port: 8080, weight: 3}, {address: 10.9.1.2, protocol_port: 8080}]")))
         .unwrap_err();
-    assert_eq!(err.to_string(), format!("selection ring full: listener lb/web needs 4 slots, 2 are free of {RING_SLOTS}"));
+    assert_eq!(
+        err.to_string(),
+        format!("selection ring full: listener lb/web needs 4 slots, 2 are free of {RING_SLOTS}")
+    );
 }

@@ -42,7 +42,11 @@ fn errors_after(from: &str, to: &str) -> Vec<String> {
 }
 
 fn assert_one(errors: Vec<String>, expected: &str) {
-    assert_eq!(errors.len(), 1, "expected exactly one error, got {errors:#?}");
+    assert_eq!(
+        errors.len(),
+        1,
+        "expected exactly one error, got {errors:#?}"
+    );
     assert_eq!(errors[0], expected);
 }
 
@@ -75,7 +79,10 @@ fn port_out_of_range_names_its_path() {
 #[test]
 fn unknown_enum_values_list_the_valid_ones() {
     assert_one(
-        errors_after("protocol: TCP\n        protocol_port: 22", "protocol: SCTPX\n        protocol_port: 22"),
+        errors_after(
+            "protocol: TCP\n        protocol_port: 22",
+            "protocol: SCTPX\n        protocol_port: 22",
+        ),
         "loadbalancers[0].listeners[0].protocol: \"SCTPX\" is not one of TCP, UDP, HTTPS, HTTP, TERMINATED_HTTPS",
     );
     let e = errors_after("lb_algorithm: ROUND_ROBIN", "lb_algorithm: RANDOM");
@@ -94,10 +101,16 @@ fn member_rules() {
         "loadbalancers[0].pools[0].members[1].address: \"10.0.1.300\" is not an IP address",
     );
     assert_one(
-        errors_after("address: 10.0.1.6, protocol_port: 22", "address: 10.0.1.4, protocol_port: 22"),
+        errors_after(
+            "address: 10.0.1.6, protocol_port: 22",
+            "address: 10.0.1.4, protocol_port: 22",
+        ),
         "loadbalancers[0].pools[0].members[1]: 10.0.1.4:22 is already a member of this pool (loadbalancers[0].pools[0].members[0])",
     );
-    assert!(errors_after("weight: 3", "weight: 0").is_empty(), "weight 0 drains, it is valid");
+    assert!(
+        errors_after("weight: 3", "weight: 0").is_empty(),
+        "weight 0 drains, it is valid"
+    );
 }
 
 #[test]
@@ -111,15 +124,24 @@ fn listener_rules() {
         "loadbalancers[0].listeners[0].default_pool: pool \"dns-pool\" has protocol UDP, but a TCP listener allows HTTP, HTTPS, PROXY, PROXYV2, TCP",
     );
     assert_one(
-        errors_after("protocol_port: 53", "protocol_port: 53\n        connection_limit: -2"),
+        errors_after(
+            "protocol_port: 53",
+            "protocol_port: 53\n        connection_limit: -2",
+        ),
         "loadbalancers[0].listeners[1].connection_limit: -2 must be -1 (unlimited) or more",
     );
     assert_one(
-        errors_after("protocol_port: 53", "protocol_port: 53\n        timeout_client_data: 2073600001"),
+        errors_after(
+            "protocol_port: 53",
+            "protocol_port: 53\n        timeout_client_data: 2073600001",
+        ),
         "loadbalancers[0].listeners[1].timeout_client_data: 2073600001 is out of range 0-2073600000",
     );
     assert_one(
-        errors_after("protocol_port: 53", "protocol_port: 53\n        insert_headers: {X-Forwarded-For: \"true\"}"),
+        errors_after(
+            "protocol_port: 53",
+            "protocol_port: 53\n        insert_headers: {X-Forwarded-For: \"true\"}",
+        ),
         "loadbalancers[0].listeners[1].insert_headers: is only allowed on HTTP and TERMINATED_HTTPS listeners, not UDP",
     );
 }
@@ -132,7 +154,12 @@ fn duplicate_names_and_ports() {
     );
     // Same port on TCP and UDP is fine; same port twice on TCP is not.
     assert!(errors_after("protocol_port: 53", "protocol_port: 22").is_empty());
-    let yaml = GOOD.replacen("protocol: UDP\n        protocol_port: 53", "protocol: HTTPS\n        protocol_port: 22", 1)
+    let yaml = GOOD
+        .replacen(
+            "protocol: UDP\n        protocol_port: 53",
+            "protocol: HTTPS\n        protocol_port: 22",
+            1,
+        )
         .replacen("default_pool: dns-pool", "default_pool: ssh-pool", 1);
     assert_one(
         errors(&yaml),
@@ -140,7 +167,12 @@ fn duplicate_names_and_ports() {
     );
     let two = format!("{GOOD}{}", &GOOD["\nloadbalancers:\n".len()..]);
     let e = errors(&two);
-    assert!(e.contains(&"loadbalancers[1].name: \"lb1\" is already used by loadbalancers[0]".to_string()), "{e:#?}");
+    assert!(
+        e.contains(
+            &"loadbalancers[1].name: \"lb1\" is already used by loadbalancers[0]".to_string()
+        ),
+        "{e:#?}"
+    );
 }
 
 #[test]
@@ -152,26 +184,69 @@ fn several_errors_are_reported_together() {
         .replacen("lb_algorithm: ROUND_ROBIN", "lb_algorithm: FASTEST", 1);
     let e = errors(&yaml);
     assert_eq!(e.len(), 4, "{e:#?}");
-    assert!(e.iter().any(|e| e.starts_with("loadbalancers[0].vip_address:")));
-    assert!(e.iter().any(|e| e.starts_with("loadbalancers[0].listeners[0].protocol_port:")));
-    assert!(e.iter().any(|e| e.starts_with("loadbalancers[0].pools[0].members[1].weight:")));
-    assert!(e.iter().any(|e| e.starts_with("loadbalancers[0].pools[0].lb_algorithm:")));
+    assert!(
+        e.iter()
+            .any(|e| e.starts_with("loadbalancers[0].vip_address:"))
+    );
+    assert!(
+        e.iter()
+            .any(|e| e.starts_with("loadbalancers[0].listeners[0].protocol_port:"))
+    );
+    assert!(
+        e.iter()
+            .any(|e| e.starts_with("loadbalancers[0].pools[0].members[1].weight:"))
+    );
+    assert!(
+        e.iter()
+            .any(|e| e.starts_with("loadbalancers[0].pools[0].lb_algorithm:"))
+    );
 }
 
 #[test]
 fn healthmonitor_rules_follow_octavia() {
-    let with_hm = |hm: &str| errors_after("lb_algorithm: ROUND_ROBIN\n        members", &format!("lb_algorithm: ROUND_ROBIN\n        healthmonitor: {hm}\n        members"));
+    let with_hm = |hm: &str| {
+        errors_after(
+            "lb_algorithm: ROUND_ROBIN\n        members",
+            &format!("lb_algorithm: ROUND_ROBIN\n        healthmonitor: {hm}\n        members"),
+        )
+    };
     let e = with_hm("{type: TCP, delay: 3, timeout: 5, max_retries: 11, url_path: /x}");
     let at = "loadbalancers[0].pools[0].healthmonitor";
-    assert!(e.contains(&format!("{at}.timeout: 5 must be less than delay (3)")), "{e:#?}");
-    assert!(e.contains(&format!("{at}.max_retries: 11 is out of range 1-10")), "{e:#?}");
-    assert!(e.contains(&format!("{at}.url_path: is only allowed for HTTP and HTTPS monitors, not TCP")), "{e:#?}");
-    let e = with_hm("{type: HTTP, delay: 5, timeout: 3, max_retries: 2, expected_codes: '200,201-204', url_path: health}");
+    assert!(
+        e.contains(&format!("{at}.timeout: 5 must be less than delay (3)")),
+        "{e:#?}"
+    );
+    assert!(
+        e.contains(&format!("{at}.max_retries: 11 is out of range 1-10")),
+        "{e:#?}"
+    );
+    assert!(
+        e.contains(&format!(
+            "{at}.url_path: is only allowed for HTTP and HTTPS monitors, not TCP"
+        )),
+        "{e:#?}"
+    );
+    let e = with_hm(
+        "{type: HTTP, delay: 5, timeout: 3, max_retries: 2, expected_codes: '200,201-204', url_path: health}",
+    );
     assert!(e.contains(&format!("{at}.expected_codes: \"200,201-204\" is not a code (200), a list (200,202) or a range (200-204)")), "{e:#?}");
-    assert!(e.contains(&format!("{at}.url_path: \"health\" must be a path starting with /")), "{e:#?}");
+    assert!(
+        e.contains(&format!(
+            "{at}.url_path: \"health\" must be a path starting with /"
+        )),
+        "{e:#?}"
+    );
     let e = with_hm("{type: UDP-CONNECT, delay: 2, timeout: 1, max_retries: 2}");
-    assert!(e.contains(&format!("{at}.type: UDP-CONNECT is only allowed on UDP pools, not TCP")), "{e:#?}");
-    assert!(e.contains(&format!("{at}.delay: 2 must be at least 3 for UDP-CONNECT")), "{e:#?}");
+    assert!(
+        e.contains(&format!(
+            "{at}.type: UDP-CONNECT is only allowed on UDP pools, not TCP"
+        )),
+        "{e:#?}"
+    );
+    assert!(
+        e.contains(&format!("{at}.delay: 2 must be at least 3 for UDP-CONNECT")),
+        "{e:#?}"
+    );
 }
 
 #[test]
@@ -186,13 +261,31 @@ fn expected_codes_forms() {
 
 #[test]
 fn persistence_rules() {
-    let with_sp = |sp: &str| errors_after("name: dns-pool\n        protocol: UDP", &format!("name: dns-pool\n        protocol: UDP\n        session_persistence: {sp}"));
+    let with_sp = |sp: &str| {
+        errors_after(
+            "name: dns-pool\n        protocol: UDP",
+            &format!("name: dns-pool\n        protocol: UDP\n        session_persistence: {sp}"),
+        )
+    };
     let at = "loadbalancers[0].pools[1].session_persistence";
     let e = with_sp("{type: APP_COOKIE}");
-    assert!(e.contains(&format!("{at}.cookie_name: is required for APP_COOKIE")), "{e:#?}");
-    assert!(e.contains(&format!("{at}.type: APP_COOKIE is not allowed on UDP pools")), "{e:#?}");
+    assert!(
+        e.contains(&format!("{at}.cookie_name: is required for APP_COOKIE")),
+        "{e:#?}"
+    );
+    assert!(
+        e.contains(&format!(
+            "{at}.type: APP_COOKIE is not allowed on UDP pools"
+        )),
+        "{e:#?}"
+    );
     let e = with_sp("{type: SOURCE_IP, cookie_name: x}");
-    assert!(e.contains(&format!("{at}.cookie_name: is only allowed with APP_COOKIE")), "{e:#?}");
+    assert!(
+        e.contains(&format!(
+            "{at}.cookie_name: is only allowed with APP_COOKIE"
+        )),
+        "{e:#?}"
+    );
 }
 
 #[test]
@@ -202,25 +295,64 @@ fn l7_policies_only_on_http_listeners_and_rules_checked() {
         "default_pool: ssh-pool\n        l7policies:\n          - {action: REDIRECT_TO_POOL, redirect_pool: missing, rules: [{type: HEADER, compare_type: EQUAL_TO, value: x}, {type: FILE_TYPE, compare_type: CONTAINS, value: png}]}",
     );
     let at = "loadbalancers[0].listeners[0].l7policies";
-    assert!(e.contains(&format!("{at}: are only allowed on HTTP and TERMINATED_HTTPS listeners, not TCP")), "{e:#?}");
-    assert!(e.contains(&format!("{at}[0].redirect_pool: no pool named \"missing\" in this load balancer")), "{e:#?}");
-    assert!(e.contains(&format!("{at}[0].rules[0].key: is required for HEADER rules")), "{e:#?}");
-    assert!(e.contains(&format!("{at}[0].rules[1].compare_type: FILE_TYPE rules allow REGEX or EQUAL_TO, not CONTAINS")), "{e:#?}");
+    assert!(
+        e.contains(&format!(
+            "{at}: are only allowed on HTTP and TERMINATED_HTTPS listeners, not TCP"
+        )),
+        "{e:#?}"
+    );
+    assert!(
+        e.contains(&format!(
+            "{at}[0].redirect_pool: no pool named \"missing\" in this load balancer"
+        )),
+        "{e:#?}"
+    );
+    assert!(
+        e.contains(&format!(
+            "{at}[0].rules[0].key: is required for HEADER rules"
+        )),
+        "{e:#?}"
+    );
+    assert!(
+        e.contains(&format!(
+            "{at}[0].rules[1].compare_type: FILE_TYPE rules allow REGEX or EQUAL_TO, not CONTAINS"
+        )),
+        "{e:#?}"
+    );
 }
 
 #[test]
 fn unsupported_features_are_refused_clearly() {
-    let e = errors_after("protocol: TCP\n        protocol_port: 22", "protocol: HTTP\n        protocol_port: 22");
-    assert!(e.contains(&"loadbalancers[0].listeners[0].protocol: HTTP (the L7 proxy) is not supported yet".to_string()), "{e:#?}");
+    let e = errors_after(
+        "protocol: TCP\n        protocol_port: 22",
+        "protocol: HTTP\n        protocol_port: 22",
+    );
+    assert!(
+        e.contains(
+            &"loadbalancers[0].listeners[0].protocol: HTTP (the L7 proxy) is not supported yet"
+                .to_string()
+        ),
+        "{e:#?}"
+    );
     let e = errors_after("lb_algorithm: ROUND_ROBIN", "lb_algorithm: SOURCE_IP");
-    assert_one(e, "loadbalancers[0].pools[0].lb_algorithm: SOURCE_IP is not supported yet");
+    assert_one(
+        e,
+        "loadbalancers[0].pools[0].lb_algorithm: SOURCE_IP is not supported yet",
+    );
     let e = errors_after("vip_address: 10.0.0.100", "vip_address: \"2001:db8::1\"");
-    assert_one(e, "loadbalancers[0].vip_address: an IPv6 VIP is not supported yet");
+    assert_one(
+        e,
+        "loadbalancers[0].vip_address: an IPv6 VIP is not supported yet",
+    );
 }
 
 #[test]
 fn shape_errors_carry_a_line() {
-    let err = load_str("loadbalancers:\n  - name: x\n    vip_adress: 1.2.3.4\n", "f.yaml").unwrap_err();
+    let err = load_str(
+        "loadbalancers:\n  - name: x\n    vip_adress: 1.2.3.4\n",
+        "f.yaml",
+    )
+    .unwrap_err();
     let text = err.to_string();
     assert!(text.starts_with("f.yaml: "), "{text}");
     assert!(text.contains("unknown field `vip_adress`"), "{text}");
