@@ -276,12 +276,12 @@ impl RingAllocator {
             return;
         }
         let (mut start, mut len) = (start, len);
-        if let Some((&prev, &prev_len)) = self.free.range(..start).next_back() {
-            if prev + prev_len == start {
-                self.free.remove(&prev);
-                start = prev;
-                len += prev_len;
-            }
+        if let Some((&prev, &prev_len)) = self.free.range(..start).next_back()
+            && prev + prev_len == start
+        {
+            self.free.remove(&prev);
+            start = prev;
+            len += prev_len;
         }
         if let Some(next_len) = self.free.remove(&(start + len)) {
             len += next_len;
@@ -393,14 +393,13 @@ impl Programmer {
         for (listener, plan) in &want.listeners {
             let schedule: Vec<u32> = plan.schedule.iter().map(|m| self.members[m]).collect();
             let live = self.listeners.get(listener).cloned();
-            if let Some(live) = &live {
-                if live.schedule == schedule
-                    && live.vip == plan.vip
-                    && live.info.flags == plan.flags
-                    && live.info.algorithm == plan.algorithm
-                {
-                    continue;
-                }
+            if let Some(live) = &live
+                && live.schedule == schedule
+                && live.vip == plan.vip
+                && live.info.flags == plan.flags
+                && live.info.algorithm == plan.algorithm
+            {
+                continue;
             }
             let id = match &live {
                 Some(live) => live.id,

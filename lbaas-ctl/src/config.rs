@@ -1028,13 +1028,13 @@ fn validate_persistence(
             "is only allowed with APP_COOKIE",
         );
     }
-    if let Some(name) = &sp.cookie_name {
-        if !is_token(name) {
-            c.error(
-                format!("{at}.cookie_name"),
-                format!("{name:?} is not a valid cookie name"),
-            );
-        }
+    if let Some(name) = &sp.cookie_name
+        && !is_token(name)
+    {
+        c.error(
+            format!("{at}.cookie_name"),
+            format!("{name:?} is not a valid cookie name"),
+        );
     }
     if cookie && *protocol == PoolProtocol::Udp {
         c.error(
@@ -1101,21 +1101,21 @@ fn validate_monitor(c: &mut Checker, at: &str, hm: &HealthMonitor, protocol: &Po
     if let Some(method) = &hm.http_method {
         check_enum!(c, format!("{at}.http_method"), method, HttpMethod);
     }
-    if let Some(path) = &hm.url_path {
-        if !path.starts_with('/') || path.contains(char::is_whitespace) {
-            c.error(
-                format!("{at}.url_path"),
-                format!("{path:?} must be a path starting with /"),
-            );
-        }
+    if let Some(path) = &hm.url_path
+        && (!path.starts_with('/') || path.contains(char::is_whitespace))
+    {
+        c.error(
+            format!("{at}.url_path"),
+            format!("{path:?} must be a path starting with /"),
+        );
     }
-    if let Some(codes) = &hm.expected_codes {
-        if !valid_expected_codes(codes) {
-            c.error(
-                format!("{at}.expected_codes"),
-                format!("{codes:?} is not a code (200), a list (200,202) or a range (200-204)"),
-            );
-        }
+    if let Some(codes) = &hm.expected_codes
+        && !valid_expected_codes(codes)
+    {
+        c.error(
+            format!("{at}.expected_codes"),
+            format!("{codes:?} is not a code (200), a list (200,202) or a range (200-204)"),
+        );
     }
     if hm.monitor_type == MonitorType::UdpConnect {
         if *protocol != PoolProtocol::Udp {
@@ -1153,13 +1153,13 @@ fn validate_member(c: &mut Checker, at: &str, m: &Member) {
     }
     c.range(format!("{at}.protocol_port"), m.protocol_port, 1, 65535);
     c.range(format!("{at}.weight"), m.weight, 0, 256);
-    if let Some(addr) = &m.monitor_address {
-        if std::net::IpAddr::from_str(addr).is_err() {
-            c.error(
-                format!("{at}.monitor_address"),
-                format!("{addr:?} is not an IP address"),
-            );
-        }
+    if let Some(addr) = &m.monitor_address
+        && std::net::IpAddr::from_str(addr).is_err()
+    {
+        c.error(
+            format!("{at}.monitor_address"),
+            format!("{addr:?} is not an IP address"),
+        );
     }
     if let Some(port) = m.monitor_port {
         c.range(format!("{at}.monitor_port"), port, 1, 65535);

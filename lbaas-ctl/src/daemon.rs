@@ -273,10 +273,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
     let mut datapath = Datapath::load(options.load)?;
     let mut interfaces = vec![options.interface.clone()];
-    if let Some(member) = &options.member_interface {
-        if member != &options.interface {
-            interfaces.push(member.clone());
-        }
+    if let Some(member) = &options.member_interface
+        && member != &options.interface
+    {
+        interfaces.push(member.clone());
     }
     for interface in &interfaces {
         let mode = datapath.attach(interface)?;

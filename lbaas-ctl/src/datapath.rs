@@ -41,19 +41,19 @@ pub enum DatapathError {
     NoProgram,
     /// The kernel refused the object (verifier, map creation).
     #[error("loading the XDP program failed: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(Box<aya::EbpfError>),
     /// A program operation failed.
     #[error("XDP program: {0}")]
-    Program(#[from] ProgramError),
+    Program(Box<ProgramError>),
     /// Attaching to an interface failed in every mode.
     #[error("attaching XDP to {interface} failed (native: {native}; generic: {generic})")]
     Attach {
         /// Interface name.
         interface: String,
         /// Error in native (driver) mode.
-        native: ProgramError,
+        native: Box<ProgramError>,
         /// Error in generic (skb) mode.
-        generic: ProgramError,
+        generic: Box<ProgramError>,
     },
     /// A map the program should have is missing.
     #[error("the XDP object has no map {0}")]
@@ -64,8 +64,27 @@ pub enum DatapathError {
         /// Map name.
         map: &'static str,
         /// The error.
-        source: MapError,
+        source: Box<MapError>,
     },
+}
+
+impl From<aya::EbpfError> for DatapathError {
+    fn from(e: aya::EbpfError) -> Self {
+        Self::Load(Box::new(e))
+    }
+}
+
+impl From<ProgramError> for DatapathError {
+    fn from(e: ProgramError) -> Self {
+        Self::Program(Box::new(e))
+    }
+}
+
+fn map_error(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map {
+        map,
+        source: Box::new(source),
+    }
 }
 
 /// Options for loading the program.
@@ -112,7 +131,7 @@ where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
     let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
-    T::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+    T::try_from(map).map_err(map_error(name))
 }
 
 impl Datapath {
@@ -160,8 +179,8 @@ impl Datapath {
             }
             Err(generic) => Err(DatapathError::Attach {
                 interface: interface.to_string(),
-                native,
-                generic,
+                native: Box::new(native),
+                generic: Box::new(generic),
             }),
         }
     }
@@ -205,10 +224,7 @@ impl Datapath {
         for (i, slot) in out.iter_mut().enumerate() {
             let values = map
                 .get(&(i as u32), 0)
-                .map_err(|source| DatapathError::Map {
-                    map: MAP_GLOBAL_STATS,
-                    source,
-                })?;
+                .map_err(map_error(MAP_GLOBAL_STATS))?;
             *slot = values.iter().sum();
         }
         Ok(out)
@@ -219,10 +235,7 @@ impl Datapath {
         let map: PerCpuArray<&MapData, ListenerStats> = self.per_cpu(MAP_LISTENER_STATS)?;
         let values = map
             .get(&listener_id, 0)
-            .map_err(|source| DatapathError::Map {
-                map: MAP_LISTENER_STATS,
-                source,
-            })?;
+            .map_err(map_error(MAP_LISTENER_STATS))?;
         Ok(values.iter().fold(ListenerStats::default(), |mut sum, v| {
             sum.packets_in += v.packets_in;
             sum.bytes_in += v.bytes_in;
@@ -238,7 +251,7 @@ impl Datapath {
         name: &'static str,
     ) -> Result<PerCpuArray<&'a MapData, V>, DatapathError> {
         let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
-        PerCpuArray::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+        PerCpuArray::try_from(map).map_err(map_error(name))
     }
 }
 

@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, LoadBalancer, Member, Pool};
+use crate::config::{Config, Listener, LoadBalancer, Member, Pool};
 
 /// Kind of change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,73 +69,137 @@ pub fn remove(running: &Config, name: &str) -> Option<Config> {
     (out.loadbalancers.len() != before).then_some(out)
 }
 
+/// An object of the model as `diff` sees it.
+trait Diffable: PartialEq + Clone {
+    /// Object type, as printed.
+    const KIND: &'static str;
+    /// Identity within its parent.
+    type Key: PartialEq;
+    fn key(&self) -> Self::Key;
+    /// Path, given the parent's path.
+    fn path(&self, parent: &str) -> String;
+    /// The object without its children, so only its own fields decide an update.
+    fn own(&self) -> Self;
+    /// Compares the children of two versions of this object.
+    fn children(_d: &mut Differ, _path: &str, _old: &Self, _new: &Self) {}
+}
+
+fn join(parent: &str, name: &str) -> String {
+    if parent.is_empty() {
+        name.to_string()
+    } else {
+        format!("{parent}/{name}")
+    }
+}
+
+impl Diffable for LoadBalancer {
+    const KIND: &'static str = "loadbalancer";
+    type Key = String;
+    fn key(&self) -> String {
+        self.name.clone()
+    }
+    fn path(&self, parent: &str) -> String {
+        join(parent, &self.name)
+    }
+    fn own(&self) -> Self {
+        LoadBalancer {
+            listeners: Vec::new(),
+            pools: Vec::new(),
+            ..self.clone()
+        }
+    }
+    fn children(d: &mut Differ, path: &str, old: &Self, new: &Self) {
+        d.list(path, &old.listeners, &new.listeners);
+        d.list(path, &old.pools, &new.pools);
+    }
+}
+
+impl Diffable for Listener {
+    const KIND: &'static str = "listener";
+    type Key = String;
+    fn key(&self) -> String {
+        self.name.clone()
+    }
+    fn path(&self, parent: &str) -> String {
+        join(parent, &self.name)
+    }
+    fn own(&self) -> Self {
+        self.clone()
+    }
+}
+
+impl Diffable for Pool {
+    const KIND: &'static str = "pool";
+    type Key = String;
+    fn key(&self) -> String {
+        self.name.clone()
+    }
+    fn path(&self, parent: &str) -> String {
+        join(parent, &self.name)
+    }
+    fn own(&self) -> Self {
+        Pool {
+            members: Vec::new(),
+            ..self.clone()
+        }
+    }
+    fn children(d: &mut Differ, path: &str, old: &Self, new: &Self) {
+        d.list(path, &old.members, &new.members);
+    }
+}
+
+impl Diffable for Member {
+    const KIND: &'static str = "member";
+    type Key = (String, i64);
+    fn key(&self) -> (String, i64) {
+        (self.address.clone(), self.protocol_port)
+    }
+    fn path(&self, parent: &str) -> String {
+        join(parent, &format!("{}:{}", self.address, self.protocol_port))
+    }
+    fn own(&self) -> Self {
+        self.clone()
+    }
+}
+
 struct Differ {
     changes: Vec<Change>,
 }
 
 impl Differ {
-    fn push(&mut self, kind: ChangeKind, object: &str, name: String) {
+    fn push<T: Diffable>(&mut self, kind: ChangeKind, name: String) {
         self.changes.push(Change {
             kind,
-            object: object.to_string(),
+            object: T::KIND.to_string(),
             name,
         });
     }
 
-    /// Compares two lists of objects matched by key; `own` strips children so that only an
-    /// object's own fields decide whether it was updated; `children` recurses.
-    fn list<T, K: PartialEq>(
-        &mut self,
-        object: &str,
-        old: &[T],
-        new: &[T],
-        key: impl Fn(&T) -> K,
-        name: impl Fn(&T) -> String,
-        own: impl Fn(&T) -> T,
-        mut children: impl FnMut(&mut Self, &T, &T),
-    ) where
-        T: PartialEq,
-    {
+    /// Compares two lists of objects matched by key, recursing into their children.
+    fn list<T: Diffable>(&mut self, parent: &str, old: &[T], new: &[T]) {
         for n in new {
-            match old.iter().find(|o| key(o) == key(n)) {
+            let path = n.path(parent);
+            match old.iter().find(|o| o.key() == n.key()) {
                 None => {
-                    self.push(ChangeKind::Create, object, name(n));
-                    children(self, &own(n), n);
+                    self.push::<T>(ChangeKind::Create, path.clone());
+                    T::children(self, &path, &n.own(), n);
                 }
                 Some(o) => {
-                    if own(o) != own(n) {
-                        self.push(ChangeKind::Update, object, name(n));
+                    if o.own() != n.own() {
+                        self.push::<T>(ChangeKind::Update, path.clone());
                     }
-                    children(self, o, n);
+                    T::children(self, &path, o, n);
                 }
             }
         }
         for o in old {
-            if !new.iter().any(|n| key(n) == key(o)) {
-                self.push(ChangeKind::Delete, object, name(o));
-                children(self, o, &own(o));
+            if !new.iter().any(|n| n.key() == o.key()) {
+                let path = o.path(parent);
+                self.push::<T>(ChangeKind::Delete, path.clone());
+                T::children(self, &path, o, &o.own());
             }
         }
     }
-}
-
-fn lb_own(lb: &LoadBalancer) -> LoadBalancer {
-    LoadBalancer {
-        listeners: Vec::new(),
-        pools: Vec::new(),
-        ..lb.clone()
-    }
-}
-
-fn pool_own(pool: &Pool) -> Pool {
-    Pool {
-        members: Vec::new(),
-        ..pool.clone()
-    }
-}
-
-fn member_key(m: &Member) -> (String, i64) {
-    (m.address.clone(), m.protocol_port)
 }
 
 /// Lists what changes from `old` to `new`, parents before children.
@@ -143,46 +207,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     let mut d = Differ {
         changes: Vec::new(),
     };
-    d.list(
-        "loadbalancer",
-        &old.loadbalancers,
-        &new.loadbalancers,
-        |lb| lb.name.clone(),
-        |lb| lb.name.clone(),
-        lb_own,
-        |d, o, n| {
-            let lb = n.name.clone();
-            d.list(
-                "listener",
-                &o.listeners,
-                &n.listeners,
-                |l| l.name.clone(),
-                |l| format!("{lb}/{}", l.name),
-                Clone::clone,
-                |_, _, _| {},
-            );
-            d.list(
-                "pool",
-                &o.pools,
-                &n.pools,
-                |p| p.name.clone(),
-                |p| format!("{lb}/{}", p.name),
-                pool_own,
-                |d, op, np| {
-                    let pool = format!("{lb}/{}", np.name);
-                    d.list(
-                        "member",
-                        &op.members,
-                        &np.members,
-                        member_key,
-                        |m| format!("{pool}/{}:{}", m.address, m.protocol_port),
-                        Clone::clone,
-                        |_, _, _| {},
-                    );
-                },
-            );
-        },
-    );
+    d.list("", &old.loadbalancers, &new.loadbalancers);
     d.changes
 }
 
