@@ -103,7 +103,7 @@ fn new_flow_member(flow: &FlowKey, pkt: &Packet, vip: &VipInfo) -> Option<Member
         listener_id: vip.listener_id,
     };
     // Reverse entry first: a reply can never find a flow without its way back.
-    LB_CT_REV.insert(&reply, &nat, 0).ok()?;
-    LB_CT.insert(flow, &state, 0).ok()?;
+    LB_CT_REV.insert(reply, nat, 0).ok()?;
+    LB_CT.insert(flow, state, 0).ok()?;
     Some(member)
 }

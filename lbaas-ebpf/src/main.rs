@@ -45,7 +45,7 @@ fn try_lbaas_xdp(ctx: &XdpContext) -> Result<u32, ()> {
         _pad: 0,
     };
     // SAFETY: the value is only read, and entries are replaced whole by the controller.
-    if let Some(info) = unsafe { maps::LB_VIPS.get(&vip) } {
+    if let Some(info) = unsafe { maps::LB_VIPS.get(vip) } {
         return forward::to_member(ctx, &pkt, info);
     }
     if let Some(action) = reply::to_client(ctx, &pkt)? {

@@ -21,7 +21,7 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, ()> {
         _pad: [0; 3],
     };
     // SAFETY: read-only copy of an entry written whole.
-    let Some(nat) = (unsafe { LB_CT_REV.get(&key) }).copied() else {
+    let Some(nat) = (unsafe { LB_CT_REV.get(key) }).copied() else {
         return Ok(None);
     };
     maps::count_listener(nat.listener_id, Direction::Out, pkt.tot_len, false);
