@@ -281,8 +281,33 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     );
     ensure_setup()?;
     let mut c = cargo(&["test"]);
-    c.args(args);
-    status(c)
+    c.args(args).stdout(std::process::Stdio::piped());
+    let mut child = c.spawn().context("running cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            passed += count_of(result, "passed");
+            failed += count_of(result, "failed");
+        }
+    }
+    let st = child.wait()?;
+    // One closing line over every test binary, so the total is read in one place.
+    println!("{passed} passed, {failed} failed");
+    ensure!(st.success(), "cargo test failed: {st}");
+    ensure!(passed > 0, "no test ran");
+    Ok(())
+}
+
+/// Reads `N word` out of a libtest summary such as `ok. 3 passed; 0 failed; ...`.
+fn count_of(summary: &str, word: &str) -> u64 {
+    summary
+        .split([';', '.'])
+        .filter_map(|part| part.trim().strip_suffix(word))
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+        .sum()
 }
 
 fn ctl(binary: &Path, socket: &Path, args: &[&str]) -> anyhow::Result<String> {
