@@ -21,14 +21,7 @@ pub fn to_member(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<u32, (
         maps::count(STAT_PASS_L7);
         return Ok(xdp_action::XDP_PASS);
     }
-    let flow = FlowKey {
-        src_addr: pkt.src_addr,
-        dst_addr: pkt.dst_addr,
-        src_port: pkt.src_port,
-        dst_port: pkt.dst_port,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    };
+    let flow = pkt.flow_key();
     let (member, new_flow) = match established_member(&flow) {
         Some(member) => (member, false),
         None => match new_flow_member(&flow, pkt, vip) {

@@ -4,8 +4,8 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lbaas_common::{
-    IPPROTO_TCP, IPPROTO_UDP, STAT_PASS_FRAGMENT, STAT_PASS_IP_OPTIONS, STAT_PASS_MALFORMED,
-    STAT_PASS_NOT_VIP,
+    FlowKey, IPPROTO_TCP, IPPROTO_UDP, STAT_PASS_FRAGMENT, STAT_PASS_IP_OPTIONS,
+    STAT_PASS_MALFORMED, STAT_PASS_NOT_VIP,
 };
 
 use crate::maps::count;
@@ -70,6 +70,21 @@ pub struct Packet {
     pub src_port: u16,
     /// Destination port (network order).
     pub dst_port: u16,
+}
+
+impl Packet {
+    /// The packet's 5-tuple as a connection-table key.
+    #[inline(always)]
+    pub fn flow_key(&self) -> FlowKey {
+        FlowKey {
+            src_addr: self.src_addr,
+            dst_addr: self.dst_addr,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
 }
 
 /// Either a packet for the next stage or a final action.

@@ -1,25 +1,16 @@
 //! Member -> client: restore the VIP as the source of a tracked flow's replies.
 
-use aya_ebpf::programs::XdpContext;
-use lbaas_common::FlowKey;
-
 use crate::{
     egress::{self, Rewrite},
     maps::{self, Direction, LB_CT_REV},
     parse::Packet,
 };
+use aya_ebpf::programs::XdpContext;
 
 /// Reverse-translates a member's reply; `None` when the packet belongs to no tracked flow.
 #[inline(always)]
 pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, ()> {
-    let key = FlowKey {
-        src_addr: pkt.src_addr,
-        dst_addr: pkt.dst_addr,
-        src_port: pkt.src_port,
-        dst_port: pkt.dst_port,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    };
+    let key = pkt.flow_key();
     // SAFETY: read-only copy of an entry written whole.
     let Some(nat) = (unsafe { LB_CT_REV.get(key) }).copied() else {
         return Ok(None);

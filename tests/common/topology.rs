@@ -51,6 +51,11 @@ pub fn run(args: &[&str]) -> Output {
     out
 }
 
+/// Runs a command line split on whitespace (no quoting), panicking when it fails.
+pub fn sh(line: &str) -> Output {
+    run(&line.split_whitespace().collect::<Vec<_>>())
+}
+
 /// Runs a command and ignores failure (for cleanup).
 fn run_quiet(args: &[&str]) {
     let _ = Command::new(args[0])
@@ -129,119 +134,75 @@ impl Topology {
 
     fn build(&self) {
         for ns in self.namespaces() {
-            run(&["ip", "netns", "add", &ns]);
-            run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+            sh(&format!("ip netns add {ns}"));
+            sh(&format!("ip -n {ns} link set lo up"));
         }
         let (c, lb, sw) = (self.client(), self.lb(), self.switch());
-        run(&[
-            "ip", "link", "add", "eth0", "netns", &c, "type", "veth", "peer", "name", "lan0",
-            "netns", &lb,
-        ]);
-        run(&[
-            "ip", "link", "add", "mem0", "netns", &lb, "type", "veth", "peer", "name", "p-lb",
-            "netns", &sw,
-        ]);
-        run(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
-        run(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
-        run(&[
-            "ip", "-n", &sw, "link", "set", "p-lb", "master", "br0", "up",
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            &c,
-            "addr",
-            "add",
-            &format!("{CLIENT_ADDR}/24"),
-            "dev",
-            "eth0",
-        ]);
-        run(&["ip", "-n", &c, "link", "set", "eth0", "up"]);
-        run(&[
-            "ip",
-            "-n",
-            &c,
-            "route",
-            "add",
-            "default",
-            "via",
-            LB_CLIENT_SIDE_ADDR,
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            &lb,
-            "addr",
-            "add",
-            &format!("{LB_CLIENT_SIDE_ADDR}/24"),
-            "dev",
-            "lan0",
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            &lb,
-            "addr",
-            "add",
-            &format!("{LB_MEMBER_SIDE_ADDR}/24"),
-            "dev",
-            "mem0",
-        ]);
-        run(&["ip", "-n", &lb, "link", "set", "lan0", "up"]);
-        run(&["ip", "-n", &lb, "link", "set", "mem0", "up"]);
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &lb,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]);
+        sh(&format!(
+            "ip link add eth0 netns {c} type veth peer name lan0 netns {lb}"
+        ));
+        sh(&format!(
+            "ip link add mem0 netns {lb} type veth peer name p-lb netns {sw}"
+        ));
+        sh(&format!("ip -n {sw} link add br0 type bridge"));
+        sh(&format!("ip -n {sw} link set br0 up"));
+        sh(&format!("ip -n {sw} link set p-lb master br0 up"));
+        sh(&format!("ip -n {c} addr add {CLIENT_ADDR}/24 dev eth0"));
+        sh(&format!("ip -n {c} link set eth0 up"));
+        sh(&format!(
+            "ip -n {c} route add default via {LB_CLIENT_SIDE_ADDR}"
+        ));
+        sh(&format!(
+            "ip -n {lb} addr add {LB_CLIENT_SIDE_ADDR}/24 dev lan0"
+        ));
+        sh(&format!(
+            "ip -n {lb} addr add {LB_MEMBER_SIDE_ADDR}/24 dev mem0"
+        ));
+        sh(&format!("ip -n {lb} link set lan0 up"));
+        sh(&format!("ip -n {lb} link set mem0 up"));
+        sh(&format!(
+            "ip netns exec {lb} sysctl -qw net.ipv4.ip_forward=1"
+        ));
         for i in 1..=self.members {
-            let m = self.member(i);
-            let port = format!("p-m{i}");
-            run(&[
-                "ip", "link", "add", "eth0", "netns", &m, "type", "veth", "peer", "name", &port,
-                "netns", &sw,
-            ]);
-            run(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"]);
-            run(&[
-                "ip",
-                "-n",
-                &m,
-                "addr",
-                "add",
-                &format!("{}/24", member_addr(i)),
-                "dev",
-                "eth0",
-            ]);
-            run(&["ip", "-n", &m, "link", "set", "eth0", "up"]);
-            run(&[
-                "ip",
-                "-n",
-                &m,
-                "route",
-                "add",
-                "default",
-                "via",
-                LB_MEMBER_SIDE_ADDR,
-            ]);
+            let (m, addr) = (self.member(i), member_addr(i));
+            sh(&format!(
+                "ip link add eth0 netns {m} type veth peer name p-m{i} netns {sw}"
+            ));
+            sh(&format!("ip -n {sw} link set p-m{i} master br0 up"));
+            sh(&format!("ip -n {m} addr add {addr}/24 dev eth0"));
+            sh(&format!("ip -n {m} link set eth0 up"));
+            sh(&format!(
+                "ip -n {m} route add default via {LB_MEMBER_SIDE_ADDR}"
+            ));
             // veth offloads checksums; an XDP-forwarded frame would carry a partial one.
-            run(&[
-                "ip", "netns", "exec", &m, "ethtool", "-K", "eth0", "tx", "off",
-            ]);
+            sh(&format!("ip netns exec {m} ethtool -K eth0 tx off"));
         }
-        run(&[
-            "ip", "netns", "exec", &c, "ethtool", "-K", "eth0", "tx", "off",
-        ]);
+        sh(&format!("ip netns exec {c} ethtool -K eth0 tx off"));
         // Frames XDP-redirected into a veth are dropped unless its peer takes XDP frames.
-        run(&[
-            "ip", "netns", "exec", &c, "ethtool", "-K", "eth0", "gro", "on",
-        ]);
-        run(&[
-            "ip", "netns", "exec", &sw, "ethtool", "-K", "p-lb", "gro", "on",
-        ]);
+        sh(&format!("ip netns exec {c} ethtool -K eth0 gro on"));
+        sh(&format!("ip netns exec {sw} ethtool -K p-lb gro on"));
+    }
+
+    /// Starts `lbaas-ctl daemon` (binary `ctl`) in the LB namespace on the topology's two arms.
+    pub fn spawn_daemon(&mut self, ctl: &str, socket: &Path, state_dir: &Path) -> u32 {
+        let lb = self.lb();
+        let (socket, state_dir) = (
+            socket.display().to_string(),
+            state_dir.display().to_string(),
+        );
+        let args = [
+            ctl,
+            "--socket",
+            &socket,
+            "daemon",
+            "--interface",
+            "lan0",
+            "--member-interface",
+            "mem0",
+            "--state-dir",
+            &state_dir,
+        ];
+        self.spawn(&lb, &args, "daemon.log")
     }
 
     /// Starts a process inside namespace `ns`; it is killed on drop.
@@ -321,33 +282,21 @@ impl Topology {
             &["/usr/bin/python3", "-u", "-c", &script],
             &format!("udp{i}.log"),
         );
-        // Ready when the socket is bound.
-        wait_until(
-            Duration::from_secs(10),
-            &format!("UDP server on {addr}"),
-            || {
-                let out = Command::new("ip")
-                    .args(["netns", "exec", &ns, "ss", "-lun"])
-                    .output()
-                    .expect("ss");
-                String::from_utf8_lossy(&out.stdout).contains(&format!("{addr}:5353"))
-            },
-        );
+        self.wait_listening(&ns, "-lun", &addr, 5353);
     }
 
     /// Waits until something listens on `addr:port` (TCP) in `ns`.
     pub fn wait_tcp(&self, ns: &str, addr: &str, port: u16) {
-        wait_until(
-            Duration::from_secs(10),
-            &format!("TCP listener {addr}:{port}"),
-            || {
-                let out = Command::new("ip")
-                    .args(["netns", "exec", ns, "ss", "-ltn"])
-                    .output()
-                    .expect("ss");
-                String::from_utf8_lossy(&out.stdout).contains(&format!("{addr}:{port}"))
-            },
-        );
+        self.wait_listening(ns, "-ltn", addr, port);
+    }
+
+    /// Waits until `ss FLAGS` in `ns` lists `addr:port`.
+    fn wait_listening(&self, ns: &str, flags: &str, addr: &str, port: u16) {
+        let what = format!("a listener on {addr}:{port} ({flags})");
+        wait_until(Duration::from_secs(10), &what, || {
+            let out = self.exec(ns, &["ss", flags]);
+            String::from_utf8_lossy(&out.stdout).contains(&format!("{addr}:{port}"))
+        });
     }
 
     /// Runs a command in namespace `ns` and returns its output (not checked).

@@ -350,28 +350,8 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     topo.start_http_member(2);
     let socket = topo.path("lbaas.sock");
     let state = topo.path("state");
-    let lb = topo.lb();
-    let (binary_s, socket_s, state_s) = (
-        binary.display().to_string(),
-        socket.display().to_string(),
-        state.display().to_string(),
-    );
-    topo.spawn(
-        &lb,
-        &[
-            &binary_s,
-            "--socket",
-            &socket_s,
-            "daemon",
-            "--interface",
-            "lan0",
-            "--member-interface",
-            "mem0",
-            "--state-dir",
-            &state_s,
-        ],
-        "daemon.log",
-    );
+    let (binary_s, socket_s) = (binary.display().to_string(), socket.display().to_string());
+    topo.spawn_daemon(&binary_s, &socket, &state);
     topology::wait_until(std::time::Duration::from_secs(20), "the daemon", || {
         ctl(&binary, &socket, &["get", "loadbalancers"]).is_ok()
     });
