@@ -22,7 +22,7 @@ use common::{
 };
 use lbaas_common::STAT_COUNT;
 use lbaas_ctl::{
-    compile::{Programmer, desired},
+    compile::{CompileOptions, Programmer, desired},
     config,
     datapath::{Datapath, GLOBAL_STAT_NAMES, LoadOptions},
 };
@@ -161,7 +161,10 @@ impl Lb {
     fn apply(&mut self, members: &str) {
         let config = config::load_str(&yaml(members), "test").expect("valid config");
         self.programmer
-            .apply(self.datapath.tables(), &desired(&config))
+            .apply(
+                self.datapath.tables(),
+                &desired(&config, CompileOptions::default()),
+            )
             .expect("program tables");
     }
 

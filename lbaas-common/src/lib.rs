@@ -26,6 +26,12 @@ pub const MAP_RR: &str = "LB_RR";
 pub const MAP_CONNTRACK: &str = "LB_CT";
 /// Name of the reverse-NAT table: member-side [`FlowKey`] -> [`ReverseNat`] (LRU).
 pub const MAP_REVERSE: &str = "LB_CT_REV";
+/// Name of the open/closed flow counters: member id, or `MAX_MEMBERS + listener id` ->
+/// [`FlowCounters`], updated atomically by the data path.
+pub const MAP_CONNS: &str = "LB_CONNS";
+/// Name of the expired-flow counters, same index as [`MAP_CONNS`], written only by the
+/// controller when it removes idle flows (a single writer, so no atomics are needed).
+pub const MAP_EXPIRED: &str = "LB_EXPIRED";
 /// Name of the per-CPU listener counters: listener id -> [`ListenerStats`].
 pub const MAP_LISTENER_STATS: &str = "LB_LSTATS";
 /// Name of the per-CPU global counters: stat index (`STAT_*`) -> u64.
@@ -38,7 +44,12 @@ pub const MAX_LISTENERS: u32 = 4096;
 /// Maximum number of members over all pools (ids `0..MAX_MEMBERS`).
 pub const MAX_MEMBERS: u32 = 65536;
 /// Number of slots in the selection ring array shared by all listeners.
-pub const RING_SLOTS: u32 = 1 << 20;
+pub const RING_SLOTS: u32 = 1 << 22;
+/// Slots of [`MAP_CONNS`] and [`MAP_EXPIRED`]: members, then listeners.
+pub const CONN_COUNTER_SLOTS: u32 = MAX_MEMBERS + MAX_LISTENERS;
+/// Most usable members a LEAST_CONNECTIONS pool may have: the data path scans them all for
+/// each new flow, in a loop the verifier must be able to bound.
+pub const MAX_LEAST_CONN_MEMBERS: u32 = 128;
 /// Default connection-table size (entries in each of the forward and reverse tables).
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
 
@@ -48,6 +59,16 @@ pub const VIP_F_L7_PASS: u32 = 1 << 0;
 
 /// [`VipInfo::algorithm`]: weighted round robin over the ring (global rotation).
 pub const ALGO_ROUND_ROBIN: u32 = 0;
+/// [`VipInfo::algorithm`]: fewest active flows per weight; the ring region lists the usable
+/// members once each; ties are broken round robin.
+pub const ALGO_LEAST_CONNECTIONS: u32 = 1;
+/// [`VipInfo::algorithm`]: the ring region is a Maglev table indexed by [`hash_source`].
+pub const ALGO_MAGLEV_SOURCE: u32 = 2;
+/// [`VipInfo::algorithm`]: the ring region is a Maglev table indexed by [`hash_5tuple`].
+pub const ALGO_MAGLEV_5TUPLE: u32 = 3;
+
+/// [`FlowState::state`]: the flow saw a FIN or RST; its counters were already decremented.
+pub const FLOW_CLOSED: u32 = 1;
 
 /// IP protocol number of TCP.
 pub const IPPROTO_TCP: u8 = 6;
@@ -70,8 +91,12 @@ pub const STAT_PASS_NO_NEIGH: u32 = 5;
 pub const STAT_FORWARDED: u32 = 6;
 /// Global stat: L7 listener packets passed to the host stack for the proxy.
 pub const STAT_PASS_L7: u32 = 7;
+/// Global stat: new TCP connections refused with a RST (connection limit).
+pub const STAT_REFUSED_RST: u32 = 8;
+/// Global stat: new flows dropped by the connection limit (UDP, or TCP without SYN).
+pub const STAT_DROP_CONN_LIMIT: u32 = 9;
 /// Number of global stat slots.
-pub const STAT_COUNT: u32 = 8;
+pub const STAT_COUNT: u32 = 10;
 
 /// Key of the VIP table.
 #[repr(C)]
@@ -101,8 +126,8 @@ pub struct VipInfo {
     pub ring_base: u32,
     /// Number of slots in the region; 0 means no usable member.
     pub ring_len: u32,
-    /// Explicit padding; always zero.
-    pub _pad: u32,
+    /// Most concurrent flows the listener takes; 0 for unlimited.
+    pub conn_limit: u32,
 }
 
 /// Value of the member table.
@@ -118,8 +143,8 @@ pub struct MemberInfo {
     /// Generation of this id: a flow pinned to an older generation of a reused id is
     /// rescheduled instead of following the new occupant.
     pub generation: u32,
-    /// Reserved for member flags; always zero for now.
-    pub flags: u32,
+    /// Weight, 1-256 (LEAST_CONNECTIONS compares active flows per weight).
+    pub weight: u32,
 }
 
 /// A flow's 5-tuple as seen in one direction, addresses and ports in network byte order.
@@ -150,8 +175,20 @@ pub struct FlowState {
     pub member_generation: u32,
     /// Listener the flow belongs to.
     pub listener_id: u32,
-    /// Explicit padding; always zero.
-    pub _pad: u32,
+    /// `FLOW_*` bits, changed atomically.
+    pub state: u32,
+    /// `bpf_ktime_get_ns()` of a recent client packet (refreshed at most once a second).
+    pub last_seen_ns: u64,
+}
+
+/// Open and closed flow counts of a member or listener; active = opened - closed - expired.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowCounters {
+    /// Flows given to it.
+    pub opened: u64,
+    /// Flows that ended with FIN or RST.
+    pub closed: u64,
 }
 
 /// Reverse-NAT value: how to rewrite a member's reply back to the VIP.
@@ -182,6 +219,8 @@ pub struct ListenerStats {
     pub bytes_out: u64,
     /// New flows given a member.
     pub new_flows: u64,
+    /// New flows refused by the connection limit.
+    pub refused: u64,
 }
 
 const _: () = {
@@ -189,10 +228,54 @@ const _: () = {
     assert!(core::mem::size_of::<VipInfo>() == 24);
     assert!(core::mem::size_of::<MemberInfo>() == 16);
     assert!(core::mem::size_of::<FlowKey>() == 16);
-    assert!(core::mem::size_of::<FlowState>() == 16);
+    assert!(core::mem::size_of::<FlowState>() == 24);
+    assert!(core::mem::size_of::<FlowCounters>() == 16);
     assert!(core::mem::size_of::<ReverseNat>() == 12);
-    assert!(core::mem::size_of::<ListenerStats>() == 40);
+    assert!(core::mem::size_of::<ListenerStats>() == 48);
 };
+
+/// One round of MurmurHash3 (32-bit) mixing a word into the state.
+#[inline(always)]
+const fn murmur_round(h: u32, k: u32) -> u32 {
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+/// MurmurHash3's finaliser: every input bit affects every output bit.
+#[inline(always)]
+const fn murmur_finish(mut h: u32, len: u32) -> u32 {
+    h ^= len;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// Fixed seed: every LB node computes the same hash, so nodes behind ECMP agree.
+const HASH_SEED: u32 = 0x6c62_6161; // "lbaa"
+
+/// Hash of a client address (network order as read from the packet) for SOURCE_IP.
+#[inline(always)]
+pub const fn hash_source(addr: u32) -> u32 {
+    murmur_finish(murmur_round(HASH_SEED, addr), 4)
+}
+
+/// Hash of a 5-tuple (addresses and ports in network order) for SOURCE_IP_PORT.
+#[inline(always)]
+pub const fn hash_5tuple(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h = murmur_round(HASH_SEED, src);
+    h = murmur_round(h, dst);
+    h = murmur_round(h, (sport as u32) << 16 | dport as u32);
+    h = murmur_round(h, proto as u32);
+    murmur_finish(h, 13)
+}
 
 #[cfg(feature = "user")]
 mod user {
@@ -207,4 +290,5 @@ mod user {
     unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for ReverseNat {}
     unsafe impl aya::Pod for ListenerStats {}
+    unsafe impl aya::Pod for FlowCounters {}
 }

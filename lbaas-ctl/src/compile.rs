@@ -12,11 +12,14 @@ use std::{
 };
 
 use lbaas_common::{
-    ALGO_ROUND_ROBIN, MAX_LISTENERS, MAX_MEMBERS, MemberInfo, RING_SLOTS, VIP_F_L7_PASS, VipInfo,
-    VipKey,
+    ALGO_LEAST_CONNECTIONS, ALGO_MAGLEV_5TUPLE, ALGO_MAGLEV_SOURCE, ALGO_ROUND_ROBIN,
+    MAX_LISTENERS, MAX_MEMBERS, MemberInfo, RING_SLOTS, VIP_F_L7_PASS, VipInfo, VipKey,
 };
 
-use crate::config::Config;
+use crate::{
+    config::{Config, LbAlgorithm, PersistenceType, Pool},
+    maglev,
+};
 
 /// Identity of a listener: load balancer and listener names.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -49,8 +52,11 @@ pub struct ListenerPlan {
     pub flags: u32,
     /// `ALGO_*`.
     pub algorithm: u32,
-    /// Members in selection order; empty refuses new connections.
-    pub schedule: Vec<MemberRef>,
+    /// Most concurrent flows, 0 for unlimited.
+    pub conn_limit: u32,
+    /// The listener's ring region: the round-robin schedule, the least-connections candidate
+    /// list or the Maglev table, by `algorithm`. Empty refuses new connections.
+    pub slots: Vec<MemberRef>,
 }
 
 /// The data path a configuration asks for.
@@ -58,13 +64,71 @@ pub struct ListenerPlan {
 pub struct DesiredTables {
     /// Every listener, including those with no usable member.
     pub listeners: BTreeMap<ListenerRef, ListenerPlan>,
-    /// Every member of every pool a listener uses (drained and disabled ones too, so that
-    /// established flows keep their member).
-    pub members: BTreeSet<MemberRef>,
+    /// Every member of every pool a listener uses, with its weight (drained and disabled ones
+    /// too, so that established flows keep their member).
+    pub members: BTreeMap<MemberRef, u32>,
+}
+
+/// Compiler settings that are not part of the YAML model.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CompileOptions {
+    /// Maglev table size for every pool (a prime); `None` sizes each table by its pool
+    /// ([`maglev::default_table_size`]).
+    pub maglev_table_size: Option<u32>,
+}
+
+/// The data-path algorithm of a pool: SOURCE_IP persistence makes any pool SOURCE_IP.
+pub fn algorithm(pool: &Pool) -> u32 {
+    let sticky = pool
+        .session_persistence
+        .as_ref()
+        .is_some_and(|sp| sp.persistence_type == PersistenceType::SourceIp);
+    match pool.lb_algorithm {
+        _ if sticky => ALGO_MAGLEV_SOURCE,
+        LbAlgorithm::SourceIp => ALGO_MAGLEV_SOURCE,
+        LbAlgorithm::SourceIpPort => ALGO_MAGLEV_5TUPLE,
+        LbAlgorithm::LeastConnections => ALGO_LEAST_CONNECTIONS,
+        LbAlgorithm::RoundRobin | LbAlgorithm::Invalid(_) => ALGO_ROUND_ROBIN,
+    }
+}
+
+/// The ring region of a pool's usable members (with weights > 0) for an algorithm.
+fn slots(algorithm: u32, usable: &[(MemberRef, u32)], options: CompileOptions) -> Vec<MemberRef> {
+    match algorithm {
+        ALGO_MAGLEV_SOURCE | ALGO_MAGLEV_5TUPLE => {
+            let backends: Vec<maglev::Backend> = usable
+                .iter()
+                .map(|(m, w)| {
+                    let mut id = m.addr.octets().to_vec();
+                    id.extend_from_slice(&m.port.to_be_bytes());
+                    maglev::Backend { id, weight: *w }
+                })
+                .collect();
+            let size = options
+                .maglev_table_size
+                .unwrap_or_else(|| maglev::default_table_size(usable.len()));
+            maglev::build(&backends, size)
+                .into_iter()
+                .map(|i| usable[i].0.clone())
+                .collect()
+        }
+        ALGO_LEAST_CONNECTIONS => {
+            let mut candidates: Vec<MemberRef> = usable.iter().map(|(m, _)| m.clone()).collect();
+            candidates.sort();
+            candidates
+        }
+        _ => {
+            let weights: Vec<u32> = usable.iter().map(|(_, w)| *w).collect();
+            weighted_schedule(&weights)
+                .into_iter()
+                .map(|i| usable[i].0.clone())
+                .collect()
+        }
+    }
 }
 
 /// Computes the data-path tables of a validated configuration.
-pub fn desired(config: &Config) -> DesiredTables {
+pub fn desired(config: &Config, options: CompileOptions) -> DesiredTables {
     let mut out = DesiredTables::default();
     for lb in &config.loadbalancers {
         let Some(vip) = lb.vip() else { continue };
@@ -76,8 +140,10 @@ pub fn desired(config: &Config) -> DesiredTables {
                 .default_pool
                 .as_deref()
                 .and_then(|name| lb.pool(name));
-            let mut schedule = Vec::new();
+            let mut region = Vec::new();
+            let mut algo = ALGO_ROUND_ROBIN;
             if let Some(pool) = pool {
+                algo = algorithm(pool);
                 let mut usable = Vec::new();
                 for member in &pool.members {
                     let (Some(addr), Ok(port)) =
@@ -91,18 +157,15 @@ pub fn desired(config: &Config) -> DesiredTables {
                         addr,
                         port,
                     };
-                    out.members.insert(member_ref.clone());
-                    if member.admin_state_up && member.weight > 0 {
-                        usable.push((member_ref, member.weight as u32));
+                    let weight = member.weight.clamp(0, 256) as u32;
+                    out.members.insert(member_ref.clone(), weight);
+                    if member.admin_state_up && weight > 0 {
+                        usable.push((member_ref, weight));
                     }
                 }
                 let enabled = lb.admin_state_up && listener.admin_state_up && pool.admin_state_up;
                 if enabled {
-                    let weights: Vec<u32> = usable.iter().map(|(_, w)| *w).collect();
-                    schedule = weighted_schedule(&weights)
-                        .into_iter()
-                        .map(|i| usable[i].0.clone())
-                        .collect();
+                    region = slots(algo, &usable, options);
                 }
             }
             let flags = if listener.protocol.is_l4() {
@@ -123,8 +186,9 @@ pub fn desired(config: &Config) -> DesiredTables {
                         _pad: 0,
                     },
                     flags,
-                    algorithm: ALGO_ROUND_ROBIN,
-                    schedule,
+                    algorithm: algo,
+                    conn_limit: u32::try_from(listener.connection_limit).unwrap_or(0),
+                    slots: region,
                 },
             );
         }
@@ -179,6 +243,9 @@ pub trait Tables {
     fn remove_vip(&mut self, key: VipKey) -> Result<(), TableError>;
     /// Resets a listener's round-robin counter (a reused id starts afresh).
     fn reset_counter(&mut self, listener_id: u32) -> Result<(), TableError>;
+    /// Zeroes a member's or listener's flow counters (`MAP_CONNS` slot) before its id is
+    /// (re)used.
+    fn reset_conn_counters(&mut self, slot: u32) -> Result<(), TableError>;
 }
 
 /// A failed table write or a exhausted table.
@@ -319,8 +386,8 @@ pub struct Programmer {
     member_ids: IdPool,
     ring: RingAllocator,
     listeners: BTreeMap<ListenerRef, LiveListener>,
-    /// Live members and their ids.
-    members: BTreeMap<MemberRef, u32>,
+    /// Live members: id and what the kernel holds.
+    members: BTreeMap<MemberRef, (u32, MemberInfo)>,
     generation: u32,
     /// Ring regions switched away from in the last apply. A CPU that read the old VIP entry
     /// just before the switch may still be reading them, so they are reused only from the
@@ -350,7 +417,7 @@ impl Programmer {
 
     /// The member id given to a member, if it is live.
     pub fn member_id(&self, member: &MemberRef) -> Option<u32> {
-        self.members.get(member).copied()
+        self.members.get(member).map(|(id, _)| *id)
     }
 
     /// The listener id given to a listener, if it is live.
@@ -371,9 +438,14 @@ impl Programmer {
         // A key that a wanted listener uses is never removed, even if another listener
         // (moved or deleted) used it before.
         let wanted_vips: BTreeSet<VipKey> = want.listeners.values().map(|p| p.vip).collect();
-        // 1. New members get a slot before any schedule can name them.
-        for member in &want.members {
-            if self.members.contains_key(member) {
+        // 1. New members get a slot before any schedule can name them; weights are updated.
+        for (member, weight) in &want.members {
+            if let Some((id, info)) = self.members.get_mut(member) {
+                if info.weight != *weight {
+                    info.weight = *weight;
+                    tables.set_member(*id, *info)?;
+                    summary.members_written += 1;
+                }
                 continue;
             }
             let id = self.member_ids.take().ok_or(TableError::TooManyMembers)?;
@@ -383,15 +455,16 @@ impl Programmer {
                 port: member.port.to_be(),
                 _pad: 0,
                 generation: self.generation,
-                flags: 0,
+                weight: *weight,
             };
+            tables.reset_conn_counters(id)?;
             tables.set_member(id, info)?;
-            self.members.insert(member.clone(), id);
+            self.members.insert(member.clone(), (id, info));
             summary.members_written += 1;
         }
         // 2. Each new or changed listener: ring region beside the live one, then one switch.
         for (listener, plan) in &want.listeners {
-            let schedule: Vec<u32> = plan.schedule.iter().map(|m| self.members[m]).collect();
+            let schedule: Vec<u32> = plan.slots.iter().map(|m| self.members[m].0).collect();
             let live = self.listeners.get(listener).cloned();
             if let Some(live) = &live
                 && live.schedule == schedule
@@ -413,7 +486,10 @@ impl Programmer {
                 }
             };
             let len = schedule.len() as u32;
-            let base = if len == 0 {
+            let same_region = live.as_ref().is_some_and(|l| l.schedule == schedule);
+            let base = if same_region {
+                live.as_ref().map_or(0, |l| l.info.ring_base)
+            } else if len == 0 {
                 0
             } else {
                 let base = self.ring.take(len).ok_or_else(|| TableError::RingFull {
@@ -430,7 +506,7 @@ impl Programmer {
                 algorithm: plan.algorithm,
                 ring_base: base,
                 ring_len: len,
-                _pad: 0,
+                conn_limit: plan.conn_limit,
             };
             tables.set_vip(plan.vip, info)?;
             summary.vips_written += 1;
@@ -473,11 +549,11 @@ impl Programmer {
         let gone: Vec<MemberRef> = self
             .members
             .keys()
-            .filter(|m| !want.members.contains(*m))
+            .filter(|m| !want.members.contains_key(*m))
             .cloned()
             .collect();
         for member in gone {
-            let id = self.members.remove(&member).expect("listed above");
+            let (id, _) = self.members.remove(&member).expect("listed above");
             tables.set_member(id, MemberInfo::default())?;
             self.member_ids.give_back(id);
             summary.members_removed += 1;

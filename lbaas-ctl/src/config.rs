@@ -749,10 +749,14 @@ fn validate_listener(c: &mut Checker, at: &str, l: &Listener, lb: &LoadBalancer)
     c.text(format!("{at}.description"), &l.description, false);
     check_enum!(c, format!("{at}.protocol"), l.protocol, ListenerProtocol);
     c.range(format!("{at}.protocol_port"), l.protocol_port, 1, 65535);
-    if l.connection_limit < -1 {
+    if l.connection_limit < -1 || l.connection_limit > i64::from(i32::MAX) {
         c.error(
             format!("{at}.connection_limit"),
-            format!("{} must be -1 (unlimited) or more", l.connection_limit),
+            format!(
+                "{} must be -1 (unlimited) or 0-{}",
+                l.connection_limit,
+                i32::MAX
+            ),
         );
     }
     for (name, value) in [
@@ -833,9 +837,6 @@ fn validate_listener(c: &mut Checker, at: &str, l: &Listener, lb: &LoadBalancer)
             format!("{at}.protocol"),
             &format!("{} (the L7 proxy)", l.protocol),
         );
-    }
-    if l.connection_limit > 0 {
-        c.not_yet(format!("{at}.connection_limit"), "a connection limit");
     }
     if !l.allowed_cidrs.is_empty() {
         c.not_yet(format!("{at}.allowed_cidrs"), "source filtering");
@@ -989,14 +990,29 @@ fn validate_pool(c: &mut Checker, at: &str, p: &Pool) {
             );
         }
     }
-    if !matches!(
-        p.lb_algorithm,
-        LbAlgorithm::RoundRobin | LbAlgorithm::Invalid(_)
-    ) {
-        c.not_yet(format!("{at}.lb_algorithm"), p.lb_algorithm.as_str());
+    let max_lc = lbaas_common::MAX_LEAST_CONN_MEMBERS as usize;
+    if p.lb_algorithm == LbAlgorithm::LeastConnections && p.members.len() > max_lc {
+        c.error(
+            format!("{at}.members"),
+            format!(
+                "{} members; a LEAST_CONNECTIONS pool has at most {max_lc} (the data path scans them per new flow)",
+                p.members.len()
+            ),
+        );
     }
-    if p.session_persistence.is_some() {
-        c.not_yet(format!("{at}.session_persistence"), "session persistence");
+    if let Some(sp) = &p.session_persistence {
+        if matches!(
+            sp.persistence_type,
+            PersistenceType::HttpCookie | PersistenceType::AppCookie
+        ) {
+            c.not_yet(
+                format!("{at}.session_persistence.type"),
+                &format!(
+                    "{} persistence (it needs the L7 proxy)",
+                    sp.persistence_type
+                ),
+            );
+        }
     }
     if p.healthmonitor.is_some() {
         c.not_yet(format!("{at}.healthmonitor"), "health monitoring");

@@ -14,7 +14,7 @@ use tokio::{net::UnixListener, signal::unix::SignalKind, sync::Mutex};
 
 use crate::{
     api::{self, ApiError, ApplyRequest, ApplyResponse, ListenerCounters, StatsResponse},
-    compile::{self, ListenerRef, Programmer},
+    compile::{self, CompileOptions, ListenerRef, Programmer},
     config::{self, Config, ConfigError},
     datapath::{AttachMode, Datapath, GLOBAL_STAT_NAMES, LoadOptions},
     diff::{self, Change},
@@ -34,6 +34,8 @@ pub struct Options {
     pub state_dir: PathBuf,
     /// Data-path options.
     pub load: LoadOptions,
+    /// Table compilation options.
+    pub compile: CompileOptions,
 }
 
 /// What the daemon persists.
@@ -54,6 +56,7 @@ struct Controller {
     state: State,
     addresses: VipAddresses,
     state_path: PathBuf,
+    compile: CompileOptions,
 }
 
 fn read_state(path: &Path) -> anyhow::Result<State> {
@@ -108,7 +111,10 @@ impl Controller {
         let changes = diff::diff(&self.state.config, &new);
         let summary = self
             .programmer
-            .apply(self.datapath.tables(), &compile::desired(&new))
+            .apply(
+                self.datapath.tables(),
+                &compile::desired(&new, self.compile),
+            )
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         self.sync_addresses(&vips(&new)).await?;
         self.state.config = new;
@@ -300,6 +306,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         },
         addresses,
         state_path,
+        compile: options.compile,
     };
     if !saved.config.loadbalancers.is_empty() {
         let n = saved.config.loadbalancers.len();

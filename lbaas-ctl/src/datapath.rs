@@ -7,8 +7,9 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lbaas_common::{
-    ListenerStats, MAP_CONNTRACK, MAP_GLOBAL_STATS, MAP_LISTENER_STATS, MAP_MEMBERS, MAP_REVERSE,
-    MAP_RING, MAP_RR, MAP_VIPS, MemberInfo, STAT_COUNT, VipInfo, VipKey,
+    FlowCounters, ListenerStats, MAP_CONNS, MAP_CONNTRACK, MAP_EXPIRED, MAP_GLOBAL_STATS,
+    MAP_LISTENER_STATS, MAP_MEMBERS, MAP_REVERSE, MAP_RING, MAP_RR, MAP_VIPS, MemberInfo,
+    STAT_COUNT, VipInfo, VipKey,
 };
 
 use crate::compile::{TableError, Tables};
@@ -29,6 +30,8 @@ pub const GLOBAL_STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_no_neighbour",
     "forwarded",
     "pass_l7",
+    "refused_rst",
+    "drop_conn_limit",
 ];
 
 /// Why the data path could not be loaded, attached or read.
@@ -124,6 +127,8 @@ pub struct KernelTables {
     members: Array<MapData, MemberInfo>,
     ring: Array<MapData, u32>,
     rr: Array<MapData, u64>,
+    conns: Array<MapData, FlowCounters>,
+    expired: Array<MapData, u64>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -154,6 +159,8 @@ impl Datapath {
             members: take(&mut ebpf, MAP_MEMBERS)?,
             ring: take(&mut ebpf, MAP_RING)?,
             rr: take(&mut ebpf, MAP_RR)?,
+            conns: take(&mut ebpf, MAP_CONNS)?,
+            expired: take(&mut ebpf, MAP_EXPIRED)?,
         };
         Ok(Self {
             ebpf,
@@ -242,6 +249,7 @@ impl Datapath {
             sum.packets_out += v.packets_out;
             sum.bytes_out += v.bytes_out;
             sum.new_flows += v.new_flows;
+            sum.refused += v.refused;
             sum
         }))
     }
@@ -289,5 +297,12 @@ impl Tables for KernelTables {
 
     fn reset_counter(&mut self, listener_id: u32) -> Result<(), TableError> {
         self.rr.set(listener_id, 0, 0).map_err(map_err(MAP_RR))
+    }
+
+    fn reset_conn_counters(&mut self, slot: u32) -> Result<(), TableError> {
+        self.expired.set(slot, 0, 0).map_err(map_err(MAP_EXPIRED))?;
+        self.conns
+            .set(slot, FlowCounters::default(), 0)
+            .map_err(map_err(MAP_CONNS))
     }
 }

@@ -13,5 +13,6 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod diff;
+pub mod maglev;
 pub mod net;
 pub mod render;

@@ -6,9 +6,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use lbaas_ctl::{
     api::{ApplyRequest, Client},
+    compile::CompileOptions,
     config, daemon,
     datapath::LoadOptions,
-    diff,
+    diff, maglev,
     render::{self, Format, Kind},
 };
 
@@ -44,6 +45,10 @@ enum Command {
         /// Entries in each of the connection and reverse-NAT tables.
         #[arg(long, default_value_t = lbaas_common::DEFAULT_CONNTRACK_SIZE)]
         conntrack_size: u32,
+        /// Maglev table size for SOURCE_IP/SOURCE_IP_PORT pools, a prime (default: the
+        /// smallest prime >= max(16381, 100 x the pool's members)).
+        #[arg(long, value_parser = parse_prime)]
+        maglev_table_size: Option<u32>,
         /// Log format.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
@@ -94,6 +99,17 @@ enum Command {
     },
 }
 
+fn parse_prime(text: &str) -> Result<u32, String> {
+    let n: u32 = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    if !maglev::is_prime(u64::from(n)) || n > lbaas_common::RING_SLOTS / 4 {
+        return Err(format!(
+            "{n} must be a prime of at most {}",
+            lbaas_common::RING_SLOTS / 4
+        ));
+    }
+    Ok(n)
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum LogFormat {
     Text,
@@ -129,6 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             member_interface,
             state_dir,
             conntrack_size,
+            maglev_table_size,
             log_format,
         } => {
             init_logging(log_format);
@@ -138,6 +155,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 socket: cli.socket,
                 state_dir,
                 load: LoadOptions { conntrack_size },
+                compile: CompileOptions { maglev_table_size },
             })
             .await
         }

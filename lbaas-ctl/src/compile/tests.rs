@@ -3,6 +3,10 @@ use std::collections::HashMap;
 use super::*;
 use crate::config;
 
+fn desired_default(c: &Config) -> DesiredTables {
+    desired(c, CompileOptions::default())
+}
+
 /// Kernel tables in memory. After every single write it checks what the data path could see
 /// at that instant: every VIP's ring region names only configured members.
 #[derive(Default)]
@@ -72,6 +76,9 @@ impl Tables for MemoryTables {
         Ok(())
     }
     fn reset_counter(&mut self, _listener_id: u32) -> Result<(), TableError> {
+        Ok(())
+    }
+    fn reset_conn_counters(&mut self, _slot: u32) -> Result<(), TableError> {
         Ok(())
     }
 }
@@ -149,16 +156,21 @@ fn programs_round_robin_ring_and_switches_make_before_break() {
     let first = config(
         "[{address: 10.9.1.1, protocol_port: 8080}, {address: 10.9.1.2, protocol_port: 8080}]",
     );
-    programmer.apply(&mut tables, &desired(&first)).unwrap();
+    programmer
+        .apply(&mut tables, &desired_default(&first))
+        .unwrap();
     assert_eq!(tables.rotation(&web_key()), vec![ip(1), ip(2)]);
 
     // Replace member 1 with 3, weight 2 for member 2: checked after every write.
     let second = config(
         "[{address: 10.9.1.2, protocol_port: 8080, weight: 2}, {address: 10.9.1.3, protocol_port: 8080}]",
     );
-    let summary = programmer.apply(&mut tables, &desired(&second)).unwrap();
+    let summary = programmer
+        .apply(&mut tables, &desired_default(&second))
+        .unwrap();
     assert_eq!(summary.vips_written, 1);
-    assert_eq!(summary.members_written, 1);
+    // Member 3 is new and member 2's weight changed.
+    assert_eq!(summary.members_written, 2);
     assert_eq!(summary.members_removed, 1);
     assert_eq!(tables.rotation(&web_key()), vec![ip(2), ip(3), ip(2)]);
     let removed = programmer.member_id(&MemberRef {
@@ -172,7 +184,9 @@ fn programs_round_robin_ring_and_switches_make_before_break() {
     // The same config again writes nothing.
     let before = tables.writes;
     assert_eq!(
-        programmer.apply(&mut tables, &desired(&second)).unwrap(),
+        programmer
+            .apply(&mut tables, &desired_default(&second))
+            .unwrap(),
         ProgramSummary::default()
     );
     assert_eq!(tables.writes, before);
@@ -185,7 +199,7 @@ fn drained_and_disabled_members_keep_their_slot_but_get_no_turns() {
     let c = config(
         "[{address: 10.9.1.1, protocol_port: 8080, weight: 0}, {address: 10.9.1.2, protocol_port: 8080, admin_state_up: false}, {address: 10.9.1.3, protocol_port: 8080}]",
     );
-    programmer.apply(&mut tables, &desired(&c)).unwrap();
+    programmer.apply(&mut tables, &desired_default(&c)).unwrap();
     assert_eq!(tables.rotation(&web_key()), vec![ip(3)]);
     let drained = MemberRef {
         loadbalancer: "lb".into(),
@@ -204,7 +218,7 @@ fn no_usable_member_means_empty_ring() {
     let mut tables = MemoryTables::default();
     let mut programmer = Programmer::new();
     programmer
-        .apply(&mut tables, &desired(&config("[]")))
+        .apply(&mut tables, &desired_default(&config("[]")))
         .unwrap();
     assert_eq!(tables.vips[&web_key()].ring_len, 0);
 }
@@ -216,17 +230,17 @@ fn removed_listener_frees_its_vip_and_ring() {
     programmer
         .apply(
             &mut tables,
-            &desired(&config("[{address: 10.9.1.1, protocol_port: 8080}]")),
+            &desired_default(&config("[{address: 10.9.1.1, protocol_port: 8080}]")),
         )
         .unwrap();
     programmer
-        .apply(&mut tables, &desired(&Config::default()))
+        .apply(&mut tables, &desired_default(&Config::default()))
         .unwrap();
     assert!(tables.vips.is_empty());
     // Freed regions are reused only from the next apply on (readers may still be in them).
     assert!(programmer.ring.largest_free() < RING_SLOTS);
     programmer
-        .apply(&mut tables, &desired(&Config::default()))
+        .apply(&mut tables, &desired_default(&Config::default()))
         .unwrap();
     assert!(tables.members.values().all(|m| m.addr == 0));
     assert_eq!(programmer.ring.largest_free(), RING_SLOTS);
@@ -245,10 +259,10 @@ fn listener_taking_over_a_deleted_listeners_port_keeps_it() {
     let mut tables = MemoryTables::default();
     let mut programmer = Programmer::new();
     programmer
-        .apply(&mut tables, &desired(&two(81, Some(80))))
+        .apply(&mut tables, &desired_default(&two(81, Some(80))))
         .unwrap();
     programmer
-        .apply(&mut tables, &desired(&two(80, None)))
+        .apply(&mut tables, &desired_default(&two(80, None)))
         .unwrap();
     assert_eq!(tables.vips.len(), 1);
     assert!(
@@ -277,7 +291,7 @@ fn ring_full_is_a_clear_error() {
     let mut programmer = Programmer::new();
     programmer.ring = RingAllocator::new(2);
     let err = programmer
-        .apply(&mut tables, &desired(&config("[{address: 10.9.1.1, protocol_port: 8080, weight: 3}, {address: 10.9.1.2, protocol_port: 8080}]")))
+        .apply(&mut tables, &desired_default(&config("[{address: 10.9.1.1, protocol_port: 8080, weight: 3}, {address: 10.9.1.2, protocol_port: 8080}]")))
         .unwrap_err();
     assert_eq!(
         err.to_string(),

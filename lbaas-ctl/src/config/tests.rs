@@ -128,7 +128,7 @@ fn listener_rules() {
             "protocol_port: 53",
             "protocol_port: 53\n        connection_limit: -2",
         ),
-        "loadbalancers[0].listeners[1].connection_limit: -2 must be -1 (unlimited) or more",
+        "loadbalancers[0].listeners[1].connection_limit: -2 must be -1 (unlimited) or 0-2147483647",
     );
     assert_one(
         errors_after(
@@ -250,6 +250,50 @@ fn healthmonitor_rules_follow_octavia() {
 }
 
 #[test]
+fn every_algorithm_and_source_ip_persistence_are_accepted() {
+    for algorithm in [
+        "ROUND_ROBIN",
+        "LEAST_CONNECTIONS",
+        "SOURCE_IP",
+        "SOURCE_IP_PORT",
+    ] {
+        let e = errors_after(
+            "lb_algorithm: ROUND_ROBIN",
+            &format!("lb_algorithm: {algorithm}"),
+        );
+        assert!(e.is_empty(), "{algorithm}: {e:?}");
+    }
+    let sticky = "lb_algorithm: ROUND_ROBIN\n        session_persistence: {type: SOURCE_IP}";
+    assert!(errors_after("lb_algorithm: ROUND_ROBIN", sticky).is_empty());
+    let limited = "protocol_port: 53\n        connection_limit: 1000";
+    assert!(errors_after("protocol_port: 53", limited).is_empty());
+}
+
+#[test]
+fn least_connections_pools_are_bounded() {
+    let members: String = (0..129)
+        .map(|i| {
+            format!(
+                "\n          - {{address: 10.0.2.{}, protocol_port: {}}}",
+                i % 250,
+                1000 + i
+            )
+        })
+        .collect();
+    let yaml = GOOD.replacen(
+        "lb_algorithm: ROUND_ROBIN\n        members:",
+        &format!("lb_algorithm: LEAST_CONNECTIONS\n        members:{members}"),
+        1,
+    );
+    assert_eq!(
+        errors(&yaml),
+        [
+            "loadbalancers[0].pools[0].members: 131 members; a LEAST_CONNECTIONS pool has at most 128 (the data path scans them per new flow)"
+        ]
+    );
+}
+
+#[test]
 fn expected_codes_forms() {
     for ok in ["200", "200,202", "200, 202 ,204", "200-204"] {
         assert!(valid_expected_codes(ok), "{ok}");
@@ -334,10 +378,13 @@ fn unsupported_features_are_refused_clearly() {
         ),
         "{e:#?}"
     );
-    let e = errors_after("lb_algorithm: ROUND_ROBIN", "lb_algorithm: SOURCE_IP");
+    let e = errors_after(
+        "lb_algorithm: ROUND_ROBIN",
+        "lb_algorithm: ROUND_ROBIN\n        session_persistence: {type: HTTP_COOKIE}",
+    );
     assert_one(
         e,
-        "loadbalancers[0].pools[0].lb_algorithm: SOURCE_IP is not supported yet",
+        "loadbalancers[0].pools[0].session_persistence.type: HTTP_COOKIE persistence (it needs the L7 proxy) is not supported yet",
     );
     let e = errors_after("vip_address: 10.0.0.100", "vip_address: \"2001:db8::1\"");
     assert_one(
