@@ -22,14 +22,16 @@ use common::{
 };
 use lbaas_common::STAT_COUNT;
 use lbaas_ctl::{
-    compile::{CompileOptions, Programmer, desired},
+    compile::{CompileOptions, ListenerRef, Programmer, desired},
     config,
-    datapath::{Datapath, GLOBAL_STAT_NAMES, LoadOptions},
+    datapath::{Datapath, ExpiryPolicy, GLOBAL_STAT_NAMES, LoadOptions},
 };
+use std::time::Duration;
 
 const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
@@ -41,6 +43,10 @@ const M1: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 11);
 const M2: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 12);
 const M1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x11];
 const M2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x12];
+const M3: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 13);
+const M4: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 14);
+const M3_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x13];
+const M4_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x14];
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -83,6 +89,8 @@ impl NetNs {
             (CLIENT, CLIENT_MAC, "lan0"),
             (M1, M1_MAC, "mem0"),
             (M2, M2_MAC, "mem0"),
+            (M3, M3_MAC, "mem0"),
+            (M4, M4_MAC, "mem0"),
         ] {
             run(&[
                 "ip",
@@ -158,8 +166,22 @@ impl Lb {
         lb
     }
 
+    /// The program with a whole YAML file applied.
+    fn from_yaml(text: &str) -> Self {
+        let mut lb = Lb {
+            datapath: Datapath::load(LoadOptions::default()).expect("load XDP program"),
+            programmer: Programmer::new(),
+        };
+        lb.apply_yaml(text);
+        lb
+    }
+
     fn apply(&mut self, members: &str) {
-        let config = config::load_str(&yaml(members), "test").expect("valid config");
+        self.apply_yaml(&yaml(members));
+    }
+
+    fn apply_yaml(&mut self, text: &str) {
+        let config = config::load_str(text, "test").expect("valid config");
         self.programmer
             .apply(
                 self.datapath.tables(),
@@ -522,11 +544,11 @@ fn a_listener_without_usable_members_drops_new_flows() {
 #[test]
 fn without_a_known_next_hop_the_rewritten_packet_goes_to_the_host_stack() {
     let ns = NetNs::enter();
-    // 10.2.0.13 has no neighbour entry.
-    let lb = Lb::new("[{address: 10.2.0.13, protocol_port: 8080}]");
+    // 10.2.0.99 has no neighbour entry.
+    let lb = Lb::new("[{address: 10.2.0.99, protocol_port: 8080}]");
     let syn = to_vip(40000);
     let expected = Frame {
-        dst: Ipv4Addr::new(10, 2, 0, 13),
+        dst: Ipv4Addr::new(10, 2, 0, 99),
         dport: 8080,
         ..syn.clone()
     }
@@ -538,4 +560,304 @@ fn without_a_known_next_hop_the_rewritten_packet_goes_to_the_host_stack() {
         &expected,
     );
     assert_eq!(lb.stat("pass_no_neighbour"), 1);
+}
+
+/// One TCP listener on VIP:80 over members M1..M4 (port 8080) with the given pool settings.
+fn pool_yaml(pool: &str, listener: &str, members: &[Ipv4Addr]) -> String {
+    let members: Vec<String> = members
+        .iter()
+        .map(|m| format!("{{address: {m}, protocol_port: 8080}}"))
+        .collect();
+    format!(
+        "loadbalancers:\n  - name: lb\n    vip_address: {VIP}\n    listeners:\n      - {{name: web, protocol: TCP, protocol_port: 80, default_pool: web{listener}}}\n    pools:\n      - {{name: web, protocol: TCP, {pool}, members: [{}]}}\n",
+        members.join(", ")
+    )
+}
+
+/// The member address a forwarded frame was sent to.
+fn forwarded_to(lb: &Lb, frame: &Frame, ifindex: u32) -> Ipv4Addr {
+    let (action, out) = lb.run(&frame.build(), ifindex);
+    assert_eq!(action, XDP_REDIRECT, "{}", hex(&out));
+    Ipv4Addr::new(out[30], out[31], out[32], out[33])
+}
+
+fn counts(
+    addrs: impl IntoIterator<Item = Ipv4Addr>,
+) -> std::collections::BTreeMap<Ipv4Addr, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for a in addrs {
+        *out.entry(a).or_insert(0) += 1;
+    }
+    out
+}
+
+const ALL: [Ipv4Addr; 4] = [M1, M2, M3, M4];
+
+#[test]
+fn source_ip_keeps_a_client_on_one_member_and_spreads_clients() {
+    let ns = NetNs::enter();
+    let lb = Lb::from_yaml(&pool_yaml("lb_algorithm: SOURCE_IP", "", &ALL));
+    // One client, many source ports: one member.
+    let chosen = counts((0..64).map(|p| forwarded_to(&lb, &to_vip(30000 + p), ns.lan)));
+    assert_eq!(
+        chosen.len(),
+        1,
+        "one client went to several members: {chosen:?}"
+    );
+    // 1024 clients: every member used, none above 1.25x its fair share (256).
+    let spread = counts((0..1024u32).map(|i| {
+        let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 4, 0)) + i);
+        forwarded_to(
+            &lb,
+            &Frame {
+                src,
+                ..to_vip(40000)
+            },
+            ns.lan,
+        )
+    }));
+    assert_eq!(spread.len(), 4, "{spread:?}");
+    assert!(
+        spread.values().all(|n| *n as f64 <= 1.25 * 256.0),
+        "{spread:?}"
+    );
+    // The member is the one the shared hash and the controller's Maglev table name: the same
+    // on every LB node.
+    let again = forwarded_to(&lb, &to_vip(50000), ns.lan);
+    assert_eq!(Some(&again), chosen.keys().next());
+}
+
+#[test]
+fn source_ip_persistence_makes_any_pool_sticky() {
+    let ns = NetNs::enter();
+    let lb = Lb::from_yaml(&pool_yaml(
+        "lb_algorithm: ROUND_ROBIN, session_persistence: {type: SOURCE_IP}",
+        "",
+        &ALL,
+    ));
+    let chosen = counts((0..16).map(|p| forwarded_to(&lb, &to_vip(30000 + p), ns.lan)));
+    assert_eq!(chosen.len(), 1, "{chosen:?}");
+}
+
+#[test]
+fn source_ip_port_spreads_the_ports_of_one_client() {
+    let ns = NetNs::enter();
+    let lb = Lb::from_yaml(&pool_yaml("lb_algorithm: SOURCE_IP_PORT", "", &ALL));
+    let spread = counts((0..1024).map(|p| forwarded_to(&lb, &to_vip(20000 + p), ns.lan)));
+    assert_eq!(spread.len(), 4, "{spread:?}");
+    assert!(
+        spread.values().all(|n| *n as f64 <= 1.25 * 256.0),
+        "{spread:?}"
+    );
+    // A flow's later packets stay put, whatever the hash of a retransmission.
+    let first = forwarded_to(&lb, &to_vip(20000), ns.lan);
+    let mut ack = to_vip(20000);
+    ack.tcp_flags = 0x10;
+    assert_eq!(forwarded_to(&lb, &ack, ns.lan), first);
+}
+
+#[test]
+fn least_connections_picks_the_member_with_fewer_open_flows() {
+    let ns = NetNs::enter();
+    let lb = Lb::from_yaml(&pool_yaml("lb_algorithm: LEAST_CONNECTIONS", "", &[M1, M2]));
+    let a = forwarded_to(&lb, &to_vip(40000), ns.lan);
+    let b = forwarded_to(&lb, &to_vip(40001), ns.lan);
+    assert_ne!(
+        a, b,
+        "a tie is broken by rotation, and the second flow finds one member busier"
+    );
+    let c = forwarded_to(&lb, &to_vip(40002), ns.lan);
+    // Now one member has two open flows and the other one: close one of the busy member's.
+    let busy = c;
+    let busy_flow = if a == busy { 40000 } else { 40001 };
+    let mut fin = to_vip(busy_flow);
+    fin.tcp_flags = 0x11;
+    assert_eq!(forwarded_to(&lb, &fin, ns.lan), busy);
+    // 1 open each... close the idle one's only flow from the member side (RST).
+    let idle = if busy == a { b } else { a };
+    let idle_flow = if idle == a { 40000 } else { 40001 };
+    let mut rst = Frame::tcp((idle, 8080), (CLIENT, idle_flow));
+    rst.tcp_flags = 0x04;
+    rst.src_mac = if idle == M1 { M1_MAC } else { M2_MAC };
+    rst.dst_mac = MEM_MAC;
+    assert_eq!(lb.run(&rst.build(), ns.mem).0, XDP_REDIRECT);
+    // Busy member: 1 open; idle member: 0 open. Every new flow goes to the idle one until even.
+    assert_eq!(forwarded_to(&lb, &to_vip(40010), ns.lan), idle);
+    let d = forwarded_to(&lb, &to_vip(40011), ns.lan);
+    let e = forwarded_to(&lb, &to_vip(40012), ns.lan);
+    assert_ne!(d, e, "at one open flow each, the next two go one to each");
+    assert_eq!(
+        lb.datapath.active_flows(lbaas_common::MAX_MEMBERS).unwrap(),
+        4,
+        "listener's open flows"
+    );
+}
+
+#[test]
+fn weighted_least_connections_loads_by_weight() {
+    let ns = NetNs::enter();
+    let yaml = pool_yaml("lb_algorithm: LEAST_CONNECTIONS", "", &[M1, M2]).replacen(
+        "protocol_port: 8080}",
+        "protocol_port: 8080, weight: 3}",
+        1,
+    );
+    let lb = Lb::from_yaml(&yaml);
+    let picked = counts((0..40).map(|p| forwarded_to(&lb, &to_vip(41000 + p), ns.lan)));
+    assert_eq!(picked[&M1], 30, "{picked:?}");
+    assert_eq!(picked[&M2], 10, "{picked:?}");
+}
+
+#[test]
+fn a_drained_least_connections_member_keeps_its_flow_but_gets_no_syn() {
+    let ns = NetNs::enter();
+    let mut lb = Lb::from_yaml(&pool_yaml("lb_algorithm: LEAST_CONNECTIONS", "", &[M1, M2]));
+    let first = forwarded_to(&lb, &to_vip(40000), ns.lan);
+    let other = if first == M1 { M2 } else { M1 };
+    let drained = pool_yaml("lb_algorithm: LEAST_CONNECTIONS", "", &[M1, M2]).replace(
+        &format!("{{address: {first}, protocol_port: 8080}}"),
+        &format!("{{address: {first}, protocol_port: 8080, weight: 0}}"),
+    );
+    lb.apply_yaml(&drained);
+    let mut ack = to_vip(40000);
+    ack.tcp_flags = 0x10;
+    assert_eq!(
+        forwarded_to(&lb, &ack, ns.lan),
+        first,
+        "established flow stays"
+    );
+    for p in 0..5 {
+        assert_eq!(forwarded_to(&lb, &to_vip(42000 + p), ns.lan), other);
+    }
+}
+
+/// The RST|ACK the LB answers a refused SYN with.
+fn expected_reset(syn: &Frame) -> Vec<u8> {
+    Frame {
+        src: syn.dst,
+        dst: syn.src,
+        sport: syn.dport,
+        dport: syn.sport,
+        src_mac: syn.dst_mac,
+        dst_mac: syn.src_mac,
+        tcp_flags: 0x14,
+        seq: 0,
+        ack: syn.seq.wrapping_add(1),
+        window: 0,
+        ip_id: 0,
+        dont_fragment: false,
+        ttl: 64,
+        payload: Vec::new(),
+        ..syn.clone()
+    }
+    .build()
+}
+
+#[test]
+fn the_connection_limit_refuses_the_next_syn_with_a_reset() {
+    let ns = NetNs::enter();
+    let lb = Lb::from_yaml(&pool_yaml(
+        "lb_algorithm: ROUND_ROBIN",
+        ", connection_limit: 2",
+        &[M1, M2],
+    ));
+    forwarded_to(&lb, &to_vip(40000), ns.lan);
+    forwarded_to(&lb, &to_vip(40001), ns.lan);
+    // The third concurrent connection: a RST back to the client, on the same link.
+    let mut third = to_vip(40002);
+    third.payload = b"syn-with-data".to_vec();
+    assert_frame(
+        "refused",
+        lb.run(&third.build(), ns.lan),
+        XDP_TX,
+        &expected_reset(&third),
+    );
+    assert_eq!(lb.stat("refused_rst"), 1);
+    // Established flows are not limited.
+    let mut ack = to_vip(40000);
+    ack.tcp_flags = 0x10;
+    forwarded_to(&lb, &ack, ns.lan);
+    // One closes: a new one fits again.
+    let mut fin = to_vip(40001);
+    fin.tcp_flags = 0x11;
+    forwarded_to(&lb, &fin, ns.lan);
+    forwarded_to(&lb, &to_vip(40003), ns.lan);
+    let stats = lb.datapath.listener_stats(0).unwrap();
+    assert_eq!((stats.new_flows, stats.refused), (3, 1));
+}
+
+#[test]
+fn udp_over_the_limit_is_dropped() {
+    let ns = NetNs::enter();
+    let yaml = "loadbalancers:\n  - name: lb\n    vip_address: 10.1.0.100\n    listeners:\n      - {name: dns, protocol: UDP, protocol_port: 53, default_pool: dns, connection_limit: 1}\n    pools:\n      - {name: dns, protocol: UDP, lb_algorithm: ROUND_ROBIN, members: [{address: 10.2.0.11, protocol_port: 5353}]}\n";
+    let lb = Lb::from_yaml(yaml);
+    let query = |sport| Frame {
+        src_mac: CLIENT_MAC,
+        dst_mac: LAN_MAC,
+        ..Frame::udp((CLIENT, sport), (VIP, 53), b"q")
+    };
+    assert_eq!(lb.run(&query(33000).build(), ns.lan).0, XDP_REDIRECT);
+    let second = query(33001).build();
+    assert_frame("over limit", lb.run(&second, ns.lan), XDP_DROP, &second);
+    assert_eq!(lb.stat("drop_conn_limit"), 1);
+}
+
+#[test]
+fn idle_udp_flows_expire_and_are_balanced_afresh() {
+    let ns = NetNs::enter();
+    let mut lb = Lb::new(TWO_MEMBERS);
+    let dns =
+        "[{address: 10.2.0.11, protocol_port: 5353}, {address: 10.2.0.12, protocol_port: 5353}]";
+    let text = yaml(TWO_MEMBERS).replace("[{address: 10.2.0.11, protocol_port: 5353}]", dns);
+    lb.apply_yaml(&text);
+    let query = Frame {
+        src_mac: CLIENT_MAC,
+        dst_mac: LAN_MAC,
+        ..Frame::udp((CLIENT, 33000), (VIP, 53), b"q")
+    };
+    let first = forwarded_to(&lb, &query, ns.lan);
+    assert_eq!(
+        forwarded_to(&lb, &query, ns.lan),
+        first,
+        "same flow, same member"
+    );
+    let dns = ListenerRef {
+        loadbalancer: "lb".into(),
+        listener: "dns".into(),
+    };
+    let dns_listener = lbaas_common::MAX_MEMBERS + lb.programmer.listener_id(&dns).unwrap();
+    assert_eq!(lb.datapath.active_flows(dns_listener).unwrap(), 1);
+    // A TCP flow, however idle, is never expired by the sweep.
+    forwarded_to(&lb, &to_vip(40000), ns.lan);
+    let policy = ExpiryPolicy {
+        udp_idle: Duration::from_secs(30),
+        closed_linger: Duration::from_secs(10),
+    };
+    let now = lbaas_ctl::datapath::monotonic_ns();
+    assert_eq!(
+        lb.datapath.expire_flows(now, &policy).unwrap().removed,
+        0,
+        "not idle yet"
+    );
+    let later = now + Duration::from_secs(31).as_nanos() as u64;
+    let report = lb.datapath.expire_flows(later, &policy).unwrap();
+    assert_eq!((report.scanned, report.removed), (2, 1));
+    assert_eq!(lb.datapath.flow_count(), 1);
+    assert_eq!(lb.datapath.active_flows(dns_listener).unwrap(), 0);
+    // Round robin moves on: the next datagram of the same 5-tuple is a new flow.
+    assert_ne!(forwarded_to(&lb, &query, ns.lan), first);
+}
+
+#[test]
+fn a_closed_flow_reopened_by_a_new_syn_is_balanced_afresh() {
+    let ns = NetNs::enter();
+    let lb = Lb::new(TWO_MEMBERS);
+    let first = forwarded_to(&lb, &to_vip(40000), ns.lan);
+    let mut rst = to_vip(40000);
+    rst.tcp_flags = 0x04;
+    assert_eq!(
+        forwarded_to(&lb, &rst, ns.lan),
+        first,
+        "the RST itself follows the flow"
+    );
+    assert_ne!(forwarded_to(&lb, &to_vip(40000), ns.lan), first);
 }

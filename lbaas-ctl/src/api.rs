@@ -69,6 +69,10 @@ pub struct ListenerCounters {
     pub bytes_out: u64,
     /// New flows.
     pub total_connections: u64,
+    /// Open flows (opened - closed - expired).
+    pub active_connections: u64,
+    /// New connections refused by the connection limit.
+    pub refused_connections: u64,
 }
 
 /// Body of `GET /v1/stats`.

@@ -1000,19 +1000,19 @@ fn validate_pool(c: &mut Checker, at: &str, p: &Pool) {
             ),
         );
     }
-    if let Some(sp) = &p.session_persistence {
-        if matches!(
+    if let Some(sp) = &p.session_persistence
+        && matches!(
             sp.persistence_type,
             PersistenceType::HttpCookie | PersistenceType::AppCookie
-        ) {
-            c.not_yet(
-                format!("{at}.session_persistence.type"),
-                &format!(
-                    "{} persistence (it needs the L7 proxy)",
-                    sp.persistence_type
-                ),
-            );
-        }
+        )
+    {
+        c.not_yet(
+            format!("{at}.session_persistence.type"),
+            &format!(
+                "{} persistence (it needs the L7 proxy)",
+                sp.persistence_type
+            ),
+        );
     }
     if p.healthmonitor.is_some() {
         c.not_yet(format!("{at}.healthmonitor"), "health monitoring");

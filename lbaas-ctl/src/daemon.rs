@@ -16,7 +16,7 @@ use crate::{
     api::{self, ApiError, ApplyRequest, ApplyResponse, ListenerCounters, StatsResponse},
     compile::{self, CompileOptions, ListenerRef, Programmer},
     config::{self, Config, ConfigError},
-    datapath::{AttachMode, Datapath, GLOBAL_STAT_NAMES, LoadOptions},
+    datapath::{self as dp, AttachMode, Datapath, ExpiryPolicy, GLOBAL_STAT_NAMES, LoadOptions},
     diff::{self, Change},
     net::VipAddresses,
 };
@@ -36,7 +36,12 @@ pub struct Options {
     pub load: LoadOptions,
     /// Table compilation options.
     pub compile: CompileOptions,
+    /// Idle-flow expiry.
+    pub expiry: ExpiryPolicy,
 }
+
+/// How often the connection table is swept for idle flows.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What the daemon persists.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -194,6 +199,11 @@ impl Controller {
                     packets_out: s.packets_out,
                     bytes_out: s.bytes_out,
                     total_connections: s.new_flows,
+                    active_connections: self
+                        .datapath
+                        .active_flows(lbaas_common::MAX_MEMBERS + id)
+                        .map_err(fail)?,
+                    refused_connections: s.refused,
                 });
             }
         }
@@ -339,6 +349,30 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     });
     tracing::info!(socket = %options.socket.display(), interfaces = ?interfaces, "lbaas daemon ready");
 
+    let sweeper = {
+        let daemon = daemon.clone();
+        let policy = options.expiry;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+            loop {
+                tick.tick().await;
+                let mut controller = daemon.controller.lock().await;
+                match controller
+                    .datapath
+                    .expire_flows(dp::monotonic_ns(), &policy)
+                {
+                    Ok(r) if r.removed > 0 => tracing::debug!(
+                        scanned = r.scanned,
+                        removed = r.removed,
+                        "expired idle flows"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "sweeping the connection table failed"),
+                }
+            }
+        })
+    };
+
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
     tokio::select! {
@@ -347,6 +381,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
 
+    sweeper.abort();
     let mut controller = daemon.controller.lock().await;
     let owned: Vec<Ipv4Addr> = controller.state.owned_addresses.iter().copied().collect();
     for addr in owned {

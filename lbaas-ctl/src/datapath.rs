@@ -6,10 +6,12 @@ use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
+use std::time::Duration;
+
 use lbaas_common::{
-    FlowCounters, ListenerStats, MAP_CONNS, MAP_CONNTRACK, MAP_EXPIRED, MAP_GLOBAL_STATS,
-    MAP_LISTENER_STATS, MAP_MEMBERS, MAP_REVERSE, MAP_RING, MAP_RR, MAP_VIPS, MemberInfo,
-    STAT_COUNT, VipInfo, VipKey,
+    FLOW_CLOSED, FlowCounters, FlowKey, FlowState, IPPROTO_UDP, ListenerStats, MAP_CONNS,
+    MAP_CONNTRACK, MAP_EXPIRED, MAP_GLOBAL_STATS, MAP_LISTENER_STATS, MAP_MEMBERS, MAP_REVERSE,
+    MAP_RING, MAP_RR, MAP_VIPS, MAX_MEMBERS, MemberInfo, ReverseNat, STAT_COUNT, VipInfo, VipKey,
 };
 
 use crate::compile::{TableError, Tables};
@@ -114,11 +116,52 @@ pub enum AttachMode {
     Generic,
 }
 
+/// When the controller removes idle flows from the connection table.
+#[derive(Clone, Copy, Debug)]
+pub struct ExpiryPolicy {
+    /// A UDP flow without a client packet for this long is removed (its member is chosen
+    /// afresh for the next datagram).
+    pub udp_idle: Duration,
+    /// A TCP flow that saw FIN or RST is removed after this long without a client packet.
+    pub closed_linger: Duration,
+}
+
+impl Default for ExpiryPolicy {
+    fn default() -> Self {
+        Self {
+            udp_idle: Duration::from_secs(60),
+            closed_linger: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What one sweep of the connection table did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Entries looked at.
+    pub scanned: usize,
+    /// Entries removed.
+    pub removed: usize,
+}
+
 /// The loaded program and typed handles on its maps.
 pub struct Datapath {
     ebpf: Ebpf,
     tables: KernelTables,
+    conntrack: HashMap<MapData, FlowKey, FlowState>,
+    reverse: HashMap<MapData, FlowKey, ReverseNat>,
     links: Vec<XdpLinkId>,
+}
+
+/// Now on the clock `bpf_ktime_get_ns()` reads (CLOCK_MONOTONIC), in ns.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The map writer over the kernel's maps.
@@ -163,6 +206,8 @@ impl Datapath {
             expired: take(&mut ebpf, MAP_EXPIRED)?,
         };
         Ok(Self {
+            conntrack: take(&mut ebpf, MAP_CONNTRACK)?,
+            reverse: take(&mut ebpf, MAP_REVERSE)?,
             ebpf,
             tables,
             links: Vec::new(),
@@ -254,6 +299,87 @@ impl Datapath {
         }))
     }
 
+    /// Active flows of a member id, or of `MAX_MEMBERS + listener id`: opened - closed -
+    /// expired, as the data path counts them.
+    pub fn active_flows(&self, slot: u32) -> Result<u64, DatapathError> {
+        let counters = self
+            .tables
+            .conns
+            .get(&slot, 0)
+            .map_err(map_error(MAP_CONNS))?;
+        let expired = self
+            .tables
+            .expired
+            .get(&slot, 0)
+            .map_err(map_error(MAP_EXPIRED))?;
+        Ok(counters
+            .opened
+            .saturating_sub(counters.closed)
+            .saturating_sub(expired))
+    }
+
+    /// Entries in the connection table (a full scan; for tests and diagnostics).
+    pub fn flow_count(&self) -> usize {
+        self.conntrack.keys().filter(Result::is_ok).count()
+    }
+
+    /// Removes idle UDP flows and lingering closed TCP flows, both directions, and counts the
+    /// removed open flows as expired so least-connections and limits stop counting them.
+    /// Established TCP flows are never expired here, however idle: removing one would move
+    /// a live connection to another member (the LRU evicts under pressure instead).
+    pub fn expire_flows(
+        &mut self,
+        now_ns: u64,
+        policy: &ExpiryPolicy,
+    ) -> Result<SweepReport, DatapathError> {
+        let keys: Vec<FlowKey> = self.conntrack.keys().filter_map(Result::ok).collect();
+        let mut report = SweepReport {
+            scanned: keys.len(),
+            removed: 0,
+        };
+        for key in keys {
+            let Ok(state) = self.conntrack.get(&key, 0) else {
+                continue;
+            };
+            let idle = now_ns.saturating_sub(state.last_seen_ns);
+            let closed = state.state & FLOW_CLOSED != 0;
+            let limit = if closed {
+                policy.closed_linger
+            } else if key.proto == IPPROTO_UDP {
+                policy.udp_idle
+            } else {
+                continue;
+            };
+            if idle <= limit.as_nanos() as u64 {
+                continue;
+            }
+            if self.conntrack.remove(&key).is_err() {
+                continue; // evicted or removed meanwhile
+            }
+            report.removed += 1;
+            let member = self.tables.members.get(&state.member_id, 0).ok();
+            let current = member.filter(|m| m.generation == state.member_generation && m.addr != 0);
+            if let Some(member) = current {
+                let reply = FlowKey {
+                    src_addr: member.addr,
+                    dst_addr: key.src_addr,
+                    src_port: member.port,
+                    dst_port: key.src_port,
+                    proto: key.proto,
+                    _pad: [0; 3],
+                };
+                let _ = self.reverse.remove(&reply);
+            }
+            if !closed {
+                if current.is_some() {
+                    self.tables.add_expired(state.member_id)?;
+                }
+                self.tables.add_expired(MAX_MEMBERS + state.listener_id)?;
+            }
+        }
+        Ok(report)
+    }
+
     fn per_cpu<'a, V: aya::Pod>(
         &'a self,
         name: &'static str,
@@ -267,6 +393,16 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> TableError {
     move |e| TableError::Map {
         map,
         message: e.to_string(),
+    }
+}
+
+impl KernelTables {
+    /// Adds one to an expired counter (the controller is its only writer).
+    fn add_expired(&mut self, slot: u32) -> Result<(), DatapathError> {
+        let value = self.expired.get(&slot, 0).map_err(map_error(MAP_EXPIRED))?;
+        self.expired
+            .set(slot, value + 1, 0)
+            .map_err(map_error(MAP_EXPIRED))
     }
 }
 

@@ -18,12 +18,12 @@ pub fn is_prime(n: u64) -> bool {
     if n < 2 {
         return false;
     }
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         return n == 2;
     }
     let mut d = 3;
     while d * d <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 2;
@@ -144,7 +144,7 @@ mod tests {
         assert!(is_prime(16_381));
         let size = default_table_size(1000);
         assert!(
-            is_prime(u64::from(size)) && size >= 100_000 && size < 100_100,
+            is_prime(u64::from(size)) && (100_000..100_100).contains(&size),
             "{size}"
         );
         assert!(!is_prime(1) && !is_prime(65_535) && is_prime(65_537));

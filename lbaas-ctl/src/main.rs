@@ -1,6 +1,6 @@
 //! `lbaas-ctl`: the lbaas daemon and its command-line client.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -8,7 +8,7 @@ use lbaas_ctl::{
     api::{ApplyRequest, Client},
     compile::CompileOptions,
     config, daemon,
-    datapath::LoadOptions,
+    datapath::{ExpiryPolicy, LoadOptions},
     diff, maglev,
     render::{self, Format, Kind},
 };
@@ -49,6 +49,10 @@ enum Command {
         /// smallest prime >= max(16381, 100 x the pool's members)).
         #[arg(long, value_parser = parse_prime)]
         maglev_table_size: Option<u32>,
+        /// Seconds after which an idle UDP flow is forgotten (its next datagram is balanced
+        /// afresh).
+        #[arg(long, default_value_t = 60)]
+        udp_idle_timeout: u64,
         /// Log format.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
@@ -146,6 +150,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             state_dir,
             conntrack_size,
             maglev_table_size,
+            udp_idle_timeout,
             log_format,
         } => {
             init_logging(log_format);
@@ -156,6 +161,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 state_dir,
                 load: LoadOptions { conntrack_size },
                 compile: CompileOptions { maglev_table_size },
+                expiry: ExpiryPolicy {
+                    udp_idle: Duration::from_secs(udp_idle_timeout),
+                    ..ExpiryPolicy::default()
+                },
             })
             .await
         }

@@ -1,18 +1,24 @@
 //! Client -> VIP: keep established flows on their member, pick one for new flows, DNAT.
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg};
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use lbaas_common::{
-    FlowKey, FlowState, MemberInfo, ReverseNat, STAT_DROP_NO_MEMBER, STAT_PASS_L7, VIP_F_L7_PASS,
-    VipInfo,
+    ALGO_LEAST_CONNECTIONS, ALGO_MAGLEV_5TUPLE, ALGO_MAGLEV_SOURCE, FLOW_CLOSED, FlowKey,
+    FlowState, MAX_LEAST_CONN_MEMBERS, MemberInfo, ReverseNat, STAT_DROP_NO_MEMBER, STAT_PASS_L7,
+    VIP_F_L7_PASS, VipInfo, hash_5tuple, hash_source,
 };
 
 use crate::{
     egress::{self, Rewrite},
     maps::{self, Direction, LB_CT, LB_CT_REV, LB_MEMBERS, LB_RING, LB_RR},
     parse::Packet,
+    refuse,
 };
+
+/// How often (ns) a flow's `last_seen_ns` is refreshed: often enough for idle expiry in
+/// seconds, rarely enough not to write the entry on every packet.
+const LAST_SEEN_REFRESH_NS: u64 = 1_000_000_000;
 
 /// Serves a packet aimed at a configured listener.
 #[inline(always)]
@@ -22,15 +28,24 @@ pub fn to_member(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<u32, (
         return Ok(xdp_action::XDP_PASS);
     }
     let flow = pkt.flow_key();
-    let (member, new_flow) = match established_member(&flow) {
+    let (member, new_flow) = match established_member(&flow, pkt) {
         Some(member) => (member, false),
-        None => match new_flow_member(&flow, pkt, vip) {
-            Some(member) => (member, true),
-            None => {
-                maps::count(STAT_DROP_NO_MEMBER);
-                return Ok(xdp_action::XDP_DROP);
+        None => {
+            if vip.conn_limit != 0
+                && maps::active_flows(maps::listener_slot(vip.listener_id))
+                    >= u64::from(vip.conn_limit)
+            {
+                maps::count_refused(vip.listener_id);
+                return refuse::connection(ctx, pkt);
             }
-        },
+            match new_flow_member(&flow, pkt, vip) {
+                Some(member) => (member, true),
+                None => {
+                    maps::count(STAT_DROP_NO_MEMBER);
+                    return Ok(xdp_action::XDP_DROP);
+                }
+            }
+        }
     };
     maps::count_listener(vip.listener_id, Direction::In, pkt.tot_len, new_flow);
     egress::rewrite_and_send(
@@ -43,17 +58,140 @@ pub fn to_member(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<u32, (
     )
 }
 
-/// The member an existing flow is pinned to, if that member is still configured.
+/// Marks a flow closed, once: the first FIN or RST (either way) ends its active count.
 #[inline(always)]
-fn established_member(flow: &FlowKey) -> Option<MemberInfo> {
-    // SAFETY: read-only copy of an entry written whole.
-    let state = unsafe { LB_CT.get(flow) }?;
-    let member = LB_MEMBERS.get(state.member_id)?;
-    // A removed member has its generation bumped and its address cleared.
-    if member.addr == 0 || member.generation != state.member_generation {
+pub fn close_flow(state: *mut FlowState) {
+    // SAFETY: a live map value; xchg makes exactly one CPU see the transition.
+    let was = unsafe {
+        atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(
+            core::ptr::addr_of_mut!((*state).state),
+            FLOW_CLOSED,
+        )
+    };
+    if was & FLOW_CLOSED != 0 {
+        return;
+    }
+    // SAFETY: as above; plain reads of fields written once at insert.
+    let (member_id, generation, listener_id) = unsafe {
+        (
+            (*state).member_id,
+            (*state).member_generation,
+            (*state).listener_id,
+        )
+    };
+    // A reused member id counts for its new occupant only.
+    if LB_MEMBERS
+        .get(member_id)
+        .is_some_and(|m| m.generation == generation)
+    {
+        maps::count_flow(member_id, false);
+    }
+    maps::count_flow(maps::listener_slot(listener_id), false);
+}
+
+/// The member an existing flow is pinned to, if that member is still configured and the flow
+/// is not a closed one being reopened by a new SYN.
+#[inline(always)]
+fn established_member(flow: &FlowKey, pkt: &Packet) -> Option<MemberInfo> {
+    let state = LB_CT.get_ptr_mut(flow)?;
+    // SAFETY: a live map value; fields other than `state` and `last_seen_ns` never change.
+    let (member_id, generation, flags, last_seen) = unsafe {
+        (
+            (*state).member_id,
+            (*state).member_generation,
+            (*state).state,
+            (*state).last_seen_ns,
+        )
+    };
+    let member = LB_MEMBERS.get(member_id)?;
+    // A removed member has its address cleared; a reused id has a new generation.
+    if member.addr == 0 || member.generation != generation {
+        close_flow(state);
         return None;
     }
+    if flags & FLOW_CLOSED != 0 && pkt.is_syn() {
+        return None;
+    }
+    if pkt.is_close() {
+        close_flow(state);
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(last_seen) > LAST_SEEN_REFRESH_NS {
+        // SAFETY: a live map value; a racing refresh from another CPU writes a similar time.
+        unsafe { (*state).last_seen_ns = now };
+    }
     Some(*member)
+}
+
+/// Picks a member id for a new flow by the listener's algorithm.
+#[inline(always)]
+fn select(pkt: &Packet, vip: &VipInfo) -> Option<u32> {
+    // checked_rem: a zero length is refused by the caller, and the check keeps any panic
+    // path (which the verifier rejects) out of the program.
+    let slot = match vip.algorithm {
+        ALGO_MAGLEV_SOURCE => hash_source(pkt.src_addr).checked_rem(vip.ring_len)?,
+        ALGO_MAGLEV_5TUPLE => hash_5tuple(
+            pkt.src_addr,
+            pkt.dst_addr,
+            pkt.src_port,
+            pkt.dst_port,
+            pkt.proto,
+        )
+        .checked_rem(vip.ring_len)?,
+        ALGO_LEAST_CONNECTIONS => return least_connections(vip),
+        _ => next_turn(vip.listener_id)?.checked_rem(u64::from(vip.ring_len))? as u32,
+    };
+    LB_RING.get(vip.ring_base + slot).copied()
+}
+
+/// The listener's shared turn counter, incremented: strict global round robin.
+#[inline(always)]
+fn next_turn(listener_id: u32) -> Option<u64> {
+    let counter = LB_RR.get_ptr_mut(listener_id)?;
+    // One counter shared by all CPUs gives a strict global rotation; the BPF target has no
+    // compare-and-swap, so core's AtomicU64 lacks fetch_add, but BPF_ATOMIC fetch-add exists.
+    // SeqCst on purpose: with Relaxed, LLVM 22's BPF backend emits the non-fetching `lock +=`
+    // and then uses the addend as if it were the old value (every turn read as 1).
+    // SAFETY: the pointer is to a live, aligned u64 map value; all CPUs touch it atomically.
+    Some(unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(counter, 1) })
+}
+
+/// The candidate with the fewest active flows per weight; the scan starts at the next
+/// round-robin turn, so ties rotate.
+#[inline(always)]
+fn least_connections(vip: &VipInfo) -> Option<u32> {
+    let len = vip.ring_len;
+    let start = next_turn(vip.listener_id)?.checked_rem(u64::from(len))? as u32;
+    let mut best = u32::MAX;
+    let (mut best_active, mut best_weight) = (0u64, 1u64);
+    for i in 0..MAX_LEAST_CONN_MEMBERS {
+        if i >= len {
+            break;
+        }
+        let mut index = start + i;
+        if index >= len {
+            index -= len;
+        }
+        let Some(id) = LB_RING.get(vip.ring_base + index).copied() else {
+            continue;
+        };
+        let Some(member) = LB_MEMBERS.get(id) else {
+            continue;
+        };
+        if member.addr == 0 || member.weight == 0 {
+            continue;
+        }
+        let active = maps::active_flows(id);
+        let weight = u64::from(member.weight);
+        // active / weight < best_active / best_weight, without division.
+        if best == u32::MAX || active * best_weight < best_active * weight {
+            best = id;
+            best_active = active;
+            best_weight = weight;
+        }
+    }
+    (best != u32::MAX).then_some(best)
 }
 
 /// Picks a member for a new flow and records the flow both ways.
@@ -62,15 +200,7 @@ fn new_flow_member(flow: &FlowKey, pkt: &Packet, vip: &VipInfo) -> Option<Member
     if vip.ring_len == 0 {
         return None;
     }
-    let counter = LB_RR.get_ptr_mut(vip.listener_id)?;
-    // One counter shared by all CPUs gives a strict global rotation; the BPF target has no
-    // compare-and-swap, so core's AtomicU64 lacks fetch_add, but BPF_ATOMIC fetch-add exists.
-    // SeqCst on purpose: with Relaxed, LLVM 22's BPF backend emits the non-fetching `lock +=`
-    // and then uses the addend as if it were the old value (every turn read as 1).
-    // SAFETY: the pointer is to a live, aligned u64 map value; all CPUs touch it atomically.
-    let turn = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(counter, 1) };
-    let slot = vip.ring_base + (turn % u64::from(vip.ring_len)) as u32;
-    let member_id = *LB_RING.get(slot)?;
+    let member_id = select(pkt, vip)?;
     let member = *LB_MEMBERS.get(member_id)?;
     if member.addr == 0 {
         return None;
@@ -79,7 +209,9 @@ fn new_flow_member(flow: &FlowKey, pkt: &Packet, vip: &VipInfo) -> Option<Member
         member_id,
         member_generation: member.generation,
         listener_id: vip.listener_id,
-        _pad: 0,
+        state: 0,
+        // SAFETY: helper without arguments.
+        last_seen_ns: unsafe { bpf_ktime_get_ns() },
     };
     let reply = FlowKey {
         src_addr: member.addr,
@@ -98,5 +230,7 @@ fn new_flow_member(flow: &FlowKey, pkt: &Packet, vip: &VipInfo) -> Option<Member
     // Reverse entry first: a reply can never find a flow without its way back.
     LB_CT_REV.insert(reply, nat, 0).ok()?;
     LB_CT.insert(flow, state, 0).ok()?;
+    maps::count_flow(member_id, true);
+    maps::count_flow(maps::listener_slot(vip.listener_id), true);
     Some(member)
 }

@@ -16,6 +16,7 @@ mod egress;
 mod forward;
 mod maps;
 mod parse;
+mod refuse;
 mod reply;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};

@@ -4,9 +4,12 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use lbaas_common::{
-    DEFAULT_CONNTRACK_SIZE, FlowKey, FlowState, ListenerStats, MAX_LISTENERS, MAX_MEMBERS,
-    MAX_VIPS, MemberInfo, RING_SLOTS, ReverseNat, STAT_COUNT, VipInfo, VipKey,
+    CONN_COUNTER_SLOTS, DEFAULT_CONNTRACK_SIZE, FlowCounters, FlowKey, FlowState, ListenerStats,
+    MAX_LISTENERS, MAX_MEMBERS, MAX_VIPS, MemberInfo, RING_SLOTS, ReverseNat, STAT_COUNT, VipInfo,
+    VipKey,
 };
 
 /// VIP:port:protocol -> listener.
@@ -35,6 +38,14 @@ pub static LB_CT: LruHashMap<FlowKey, FlowState> =
 pub static LB_CT_REV: LruHashMap<FlowKey, ReverseNat> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
 
+/// Opened/closed flow counts: member id, then `MAX_MEMBERS + listener id`.
+#[map(name = "LB_CONNS")]
+pub static LB_CONNS: Array<FlowCounters> = Array::with_max_entries(CONN_COUNTER_SLOTS, 0);
+
+/// Flows the controller expired while idle, same index as `LB_CONNS` (controller-written).
+#[map(name = "LB_EXPIRED")]
+pub static LB_EXPIRED: Array<u64> = Array::with_max_entries(CONN_COUNTER_SLOTS, 0);
+
 /// Per-CPU counters per listener.
 #[map(name = "LB_LSTATS")]
 pub static LB_LSTATS: PerCpuArray<ListenerStats> = PerCpuArray::with_max_entries(MAX_LISTENERS, 0);
@@ -49,6 +60,39 @@ pub fn count(stat: u32) {
     if let Some(slot) = LB_GSTATS.get_ptr_mut(stat) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *slot += 1 };
+    }
+}
+
+/// Index of a listener's slot in `LB_CONNS` / `LB_EXPIRED`.
+#[inline(always)]
+pub fn listener_slot(listener_id: u32) -> u32 {
+    MAX_MEMBERS + listener_id
+}
+
+/// Active flows of a `LB_CONNS` slot: opened - closed - expired (never negative: races
+/// between CPUs and the controller can make the parts briefly disagree).
+#[inline(always)]
+pub fn active_flows(slot: u32) -> u64 {
+    let Some(c) = LB_CONNS.get(slot) else {
+        return 0;
+    };
+    let expired = LB_EXPIRED.get(slot).copied().unwrap_or(0);
+    c.opened.saturating_sub(c.closed).saturating_sub(expired)
+}
+
+/// Atomically adds one to a `LB_CONNS` slot's opened (or closed) count.
+#[inline(always)]
+pub fn count_flow(slot: u32, opened: bool) {
+    if let Some(c) = LB_CONNS.get_ptr_mut(slot) {
+        // SAFETY: a live, aligned map value; every CPU updates it atomically.
+        unsafe {
+            let field = if opened {
+                core::ptr::addr_of_mut!((*c).opened)
+            } else {
+                core::ptr::addr_of_mut!((*c).closed)
+            };
+            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(field, 1);
+        }
     }
 }
 
@@ -79,5 +123,14 @@ pub fn count_listener(listener_id: u32, dir: Direction, bytes: u16, new_flow: bo
         if new_flow {
             stats.new_flows += 1;
         }
+    }
+}
+
+/// Adds one refused connection to a listener's counters.
+#[inline(always)]
+pub fn count_refused(listener_id: u32) {
+    if let Some(stats) = LB_LSTATS.get_ptr_mut(listener_id) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { (*stats).refused += 1 };
     }
 }

@@ -36,6 +36,15 @@ pub mod ip {
     pub const DADDR: usize = 16;
 }
 
+/// TCP FIN flag.
+pub const TCP_FIN: u8 = 0x01;
+/// TCP SYN flag.
+pub const TCP_SYN: u8 = 0x02;
+/// TCP RST flag.
+pub const TCP_RST: u8 = 0x04;
+/// TCP ACK flag.
+pub const TCP_ACK: u8 = 0x10;
+
 /// Offsets inside TCP and UDP headers.
 pub mod l4 {
     /// Source port (TCP and UDP).
@@ -46,6 +55,10 @@ pub mod l4 {
     pub const TCP_CHECK: usize = 16;
     /// TCP data offset (high nibble).
     pub const TCP_DOFF: usize = 12;
+    /// TCP flags.
+    pub const TCP_FLAGS: usize = 13;
+    /// TCP sequence number.
+    pub const TCP_SEQ: usize = 4;
     /// UDP checksum.
     pub const UDP_CHECK: usize = 6;
 }
@@ -62,6 +75,8 @@ pub struct Packet {
     pub proto: u8,
     /// IPv4 total length (host order).
     pub tot_len: u16,
+    /// TCP flags (`TCP_*`); 0 for UDP.
+    pub tcp_flags: u8,
     /// Source address (network order).
     pub src_addr: u32,
     /// Destination address (network order).
@@ -73,6 +88,18 @@ pub struct Packet {
 }
 
 impl Packet {
+    /// A TCP segment that opens a connection (SYN without ACK).
+    #[inline(always)]
+    pub fn is_syn(&self) -> bool {
+        self.proto == IPPROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
+    /// A TCP segment that ends a connection (FIN or RST).
+    #[inline(always)]
+    pub fn is_close(&self) -> bool {
+        self.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    }
+
     /// The packet's 5-tuple as a connection-table key.
     #[inline(always)]
     pub fn flow_key(&self) -> FlowKey {
@@ -184,14 +211,16 @@ fn parse_ipv4(ctx: &XdpContext, l3_off: usize, vlan: bool) -> Parsed {
         return pass(STAT_PASS_MALFORMED);
     }
     let l4_off = l3_off + IPV4_HLEN;
-    let ports = if proto == IPPROTO_TCP {
+    let (ports, tcp_flags) = if proto == IPPROTO_TCP {
         match read::<[u8; TCP_HLEN]>(ctx, l4_off) {
-            Ok(tcp) if tcp[l4::TCP_DOFF] >> 4 >= 5 => [tcp[0], tcp[1], tcp[2], tcp[3]],
+            Ok(tcp) if tcp[l4::TCP_DOFF] >> 4 >= 5 => {
+                ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[l4::TCP_FLAGS])
+            }
             _ => return pass(STAT_PASS_MALFORMED),
         }
     } else {
         match read::<[u8; UDP_HLEN]>(ctx, l4_off) {
-            Ok(udp) => [udp[0], udp[1], udp[2], udp[3]],
+            Ok(udp) => ([udp[0], udp[1], udp[2], udp[3]], 0),
             Err(()) => return pass(STAT_PASS_MALFORMED),
         }
     };
@@ -201,6 +230,7 @@ fn parse_ipv4(ctx: &XdpContext, l3_off: usize, vlan: bool) -> Parsed {
         vlan,
         proto,
         tot_len,
+        tcp_flags,
         src_addr: u32::from_ne_bytes([
             header[ip::SADDR],
             header[ip::SADDR + 1],

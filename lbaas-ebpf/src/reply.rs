@@ -1,11 +1,14 @@
 //! Member -> client: restore the VIP as the source of a tracked flow's replies.
 
+use aya_ebpf::programs::XdpContext;
+use lbaas_common::FlowKey;
+
 use crate::{
     egress::{self, Rewrite},
-    maps::{self, Direction, LB_CT_REV},
+    forward::close_flow,
+    maps::{self, Direction, LB_CT, LB_CT_REV},
     parse::Packet,
 };
-use aya_ebpf::programs::XdpContext;
 
 /// Reverse-translates a member's reply; `None` when the packet belongs to no tracked flow.
 #[inline(always)]
@@ -15,6 +18,20 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, ()> {
     let Some(nat) = (unsafe { LB_CT_REV.get(key) }).copied() else {
         return Ok(None);
     };
+    if pkt.is_close() {
+        // The client-side key of this flow: client -> VIP.
+        let flow = FlowKey {
+            src_addr: pkt.dst_addr,
+            dst_addr: nat.vip_addr,
+            src_port: pkt.dst_port,
+            dst_port: nat.vip_port,
+            proto: pkt.proto,
+            _pad: [0; 3],
+        };
+        if let Some(state) = LB_CT.get_ptr_mut(flow) {
+            close_flow(state);
+        }
+    }
     maps::count_listener(nat.listener_id, Direction::Out, pkt.tot_len, false);
     egress::rewrite_and_send(
         ctx,

@@ -34,6 +34,18 @@ pub struct Frame {
     pub udp_no_checksum: bool,
     /// L4 payload.
     pub payload: Vec<u8>,
+    /// IPv4 identification.
+    pub ip_id: u16,
+    /// IPv4 don't-fragment bit.
+    pub dont_fragment: bool,
+    /// IPv4 TTL.
+    pub ttl: u8,
+    /// TCP sequence number.
+    pub seq: u32,
+    /// TCP acknowledgement number.
+    pub ack: u32,
+    /// TCP window.
+    pub window: u16,
 }
 
 impl Frame {
@@ -51,6 +63,12 @@ impl Frame {
             tcp_flags: 0x02,
             udp_no_checksum: false,
             payload: Vec::new(),
+            ip_id: 0x1234,
+            dont_fragment: true,
+            ttl: 64,
+            seq: 0x0102_0304,
+            ack: 0,
+            window: 64240,
         }
     }
 
@@ -75,8 +93,10 @@ impl Frame {
         out.extend_from_slice(&0x0800u16.to_be_bytes());
         let l4 = self.l4();
         let total = 20 + l4.len();
-        let mut ip = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, self.proto, 0, 0];
+        let df = if self.dont_fragment { 0x40 } else { 0 };
+        let mut ip = vec![0x45, 0, 0, 0, 0, 0, df, 0, self.ttl, self.proto, 0, 0];
         ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        ip[4..6].copy_from_slice(&self.ip_id.to_be_bytes());
         ip.extend_from_slice(&self.src.octets());
         ip.extend_from_slice(&self.dst.octets());
         let check = checksum(&ip);
@@ -91,10 +111,10 @@ impl Frame {
         l4.extend_from_slice(&self.sport.to_be_bytes());
         l4.extend_from_slice(&self.dport.to_be_bytes());
         let check_at = if self.proto == TCP {
-            l4.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
-            l4.extend_from_slice(&0u32.to_be_bytes()); // ack
+            l4.extend_from_slice(&self.seq.to_be_bytes());
+            l4.extend_from_slice(&self.ack.to_be_bytes());
             l4.extend_from_slice(&[0x50, self.tcp_flags]);
-            l4.extend_from_slice(&64240u16.to_be_bytes()); // window
+            l4.extend_from_slice(&self.window.to_be_bytes());
             l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
             16
         } else {
