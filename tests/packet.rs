@@ -22,11 +22,11 @@ use common::{
 };
 use lbaas_common::STAT_COUNT;
 use lbaas_ctl::{
-    compile::{CompileOptions, ListenerRef, Programmer, desired},
+    compile::{CompileOptions, DEFAULT_DRAIN_TIMEOUT, ListenerRef, Programmer, desired},
     config,
     datapath::{Datapath, ExpiryPolicy, GLOBAL_STAT_NAMES, LoadOptions},
 };
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
@@ -305,12 +305,54 @@ fn later_packets_of_a_flow_stay_on_its_member() {
 }
 
 #[test]
-fn a_flow_whose_member_was_removed_is_rescheduled() {
+fn a_removed_member_finishes_its_flows_and_gets_no_new_ones() {
     let ns = NetNs::enter();
     let mut lb = Lb::new(TWO_MEMBERS);
     let syn = to_vip(40000);
     assert_eq!(lb.run(&syn.build(), ns.lan).1, dnat(&syn, M1, M1_MAC, 8080));
     lb.apply("[{address: 10.2.0.12, protocol_port: 8080}]");
+    let mut ack = to_vip(40000);
+    ack.tcp_flags = 0x10;
+    assert_frame(
+        "draining",
+        lb.run(&ack.build(), ns.lan),
+        XDP_REDIRECT,
+        &dnat(&ack, M1, M1_MAC, 8080),
+    );
+    for p in 0..3 {
+        assert_eq!(
+            forwarded_to(&lb, &to_vip(41000 + p), ns.lan),
+            M2,
+            "new flows avoid the removed member"
+        );
+    }
+    // Its flow closes: the member is released on the next pass and its slot cleared.
+    let mut fin = to_vip(40000);
+    fin.tcp_flags = 0x11;
+    assert_eq!(forwarded_to(&lb, &fin, ns.lan), M1);
+    assert_eq!(
+        lb.programmer
+            .release_drained(lb.datapath.tables(), Instant::now())
+            .unwrap(),
+        1
+    );
+    assert_eq!(lb.programmer.draining_members(), 0);
+}
+
+#[test]
+fn a_flow_whose_member_drain_timed_out_is_rescheduled() {
+    let ns = NetNs::enter();
+    let mut lb = Lb::new(TWO_MEMBERS);
+    let syn = to_vip(40000);
+    assert_eq!(lb.run(&syn.build(), ns.lan).1, dnat(&syn, M1, M1_MAC, 8080));
+    lb.apply("[{address: 10.2.0.12, protocol_port: 8080}]");
+    let late = Instant::now() + DEFAULT_DRAIN_TIMEOUT;
+    assert_eq!(
+        lb.programmer
+            .release_drained(lb.datapath.tables(), late)
+            .unwrap(),
+        1
+    );
     assert_frame(
         "rescheduled",
         lb.run(&syn.build(), ns.lan),

@@ -9,6 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    time::{Duration, Instant},
 };
 
 use lbaas_common::{
@@ -246,6 +247,8 @@ pub trait Tables {
     /// Zeroes a member's or listener's flow counters (`MAP_CONNS` slot) before its id is
     /// (re)used.
     fn reset_conn_counters(&mut self, slot: u32) -> Result<(), TableError>;
+    /// Open flows of a member id (or `MAX_MEMBERS + listener id`) as the data path counts them.
+    fn active_flows(&mut self, slot: u32) -> Result<u64, TableError>;
 }
 
 /// A failed table write or a exhausted table.
@@ -375,9 +378,23 @@ pub struct ProgramSummary {
     pub vips_removed: usize,
     /// Member slots written.
     pub members_written: usize,
-    /// Member slots cleared.
+    /// Members taken out of every schedule; they keep serving their open flows.
     pub members_removed: usize,
+    /// Removed members whose last flow ended (or whose drain timed out): slot cleared, id free.
+    pub members_released: usize,
 }
+
+/// A member removed from the configuration that still serves the flows it had.
+#[derive(Debug, Clone, Copy)]
+struct Retired {
+    id: u32,
+    info: MemberInfo,
+    since: Instant,
+}
+
+/// How long a removed member keeps serving its open flows at most (flows the LRU evicted
+/// without a FIN never count down, so draining needs an end).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Keeps the kernel tables in step with desired state.
 #[derive(Debug)]
@@ -388,6 +405,9 @@ pub struct Programmer {
     listeners: BTreeMap<ListenerRef, LiveListener>,
     /// Live members: id and what the kernel holds.
     members: BTreeMap<MemberRef, (u32, MemberInfo)>,
+    /// Removed members still draining their open flows.
+    retired: BTreeMap<MemberRef, Retired>,
+    drain_timeout: Duration,
     generation: u32,
     /// Ring regions switched away from in the last apply. A CPU that read the old VIP entry
     /// just before the switch may still be reading them, so they are reused only from the
@@ -410,9 +430,47 @@ impl Programmer {
             ring: RingAllocator::new(RING_SLOTS),
             listeners: BTreeMap::new(),
             members: BTreeMap::new(),
+            retired: BTreeMap::new(),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             generation: 0,
             quarantined: Vec::new(),
         }
+    }
+
+    /// A programmer whose removed members drain for at most `timeout`.
+    pub fn with_drain_timeout(timeout: Duration) -> Self {
+        Self {
+            drain_timeout: timeout,
+            ..Self::new()
+        }
+    }
+
+    /// Removed members still serving open flows.
+    pub fn draining_members(&self) -> usize {
+        self.retired.len()
+    }
+
+    /// Releases removed members whose open flows have all ended, or whose drain timed out:
+    /// their slot is cleared (a flow still pinned to one is rescheduled) and the id freed.
+    pub fn release_drained(
+        &mut self,
+        tables: &mut dyn Tables,
+        now: Instant,
+    ) -> Result<usize, TableError> {
+        let mut released = 0;
+        let candidates: Vec<MemberRef> = self.retired.keys().cloned().collect();
+        for member in candidates {
+            let r = self.retired[&member];
+            let timed_out = now.saturating_duration_since(r.since) >= self.drain_timeout;
+            if !timed_out && tables.active_flows(r.id)? > 0 {
+                continue;
+            }
+            tables.set_member(r.id, MemberInfo::default())?;
+            self.member_ids.give_back(r.id);
+            self.retired.remove(&member);
+            released += 1;
+        }
+        Ok(released)
     }
 
     /// The member id given to a member, if it is live.
@@ -431,7 +489,24 @@ impl Programmer {
         tables: &mut dyn Tables,
         want: &DesiredTables,
     ) -> Result<ProgramSummary, TableError> {
+        self.apply_at(tables, want, Instant::now())
+    }
+
+    /// [`Programmer::apply`] at a given time (drain timeouts are measured from it).
+    pub fn apply_at(
+        &mut self,
+        tables: &mut dyn Tables,
+        want: &DesiredTables,
+        now: Instant,
+    ) -> Result<ProgramSummary, TableError> {
         let mut summary = ProgramSummary::default();
+        // A removed member that comes back resumes with its id, generation and flows.
+        for member in want.members.keys() {
+            if let Some(r) = self.retired.remove(member) {
+                self.members.insert(member.clone(), (r.id, r.info));
+            }
+        }
+        summary.members_released += self.release_drained(tables, now)?;
         for (base, len) in std::mem::take(&mut self.quarantined) {
             self.ring.give_back(base, len);
         }
@@ -545,7 +620,8 @@ impl Programmer {
             self.listener_ids.give_back(live.id);
             summary.vips_removed += 1;
         }
-        // 4. Members no schedule names any more: cleared, so pinned flows are rescheduled.
+        // 4. Members no schedule names any more drain: their open flows continue (as HAProxy's
+        //    old process serves its connections after a reload), no new flow reaches them.
         let gone: Vec<MemberRef> = self
             .members
             .keys()
@@ -553,11 +629,18 @@ impl Programmer {
             .cloned()
             .collect();
         for member in gone {
-            let (id, _) = self.members.remove(&member).expect("listed above");
-            tables.set_member(id, MemberInfo::default())?;
-            self.member_ids.give_back(id);
+            let (id, info) = self.members.remove(&member).expect("listed above");
+            self.retired.insert(
+                member,
+                Retired {
+                    id,
+                    info,
+                    since: now,
+                },
+            );
             summary.members_removed += 1;
         }
+        summary.members_released += self.release_drained(tables, now)?;
         Ok(summary)
     }
 }

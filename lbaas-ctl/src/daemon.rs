@@ -38,6 +38,8 @@ pub struct Options {
     pub compile: CompileOptions,
     /// Idle-flow expiry.
     pub expiry: ExpiryPolicy,
+    /// How long a removed member keeps serving its open flows at most.
+    pub member_drain_timeout: std::time::Duration,
 }
 
 /// How often the connection table is swept for idle flows.
@@ -309,7 +311,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let addresses = VipAddresses::new(&options.interface)?;
     let mut controller = Controller {
         datapath,
-        programmer: Programmer::new(),
+        programmer: Programmer::with_drain_timeout(options.member_drain_timeout),
         state: State {
             config: Config::default(),
             owned_addresses: saved.owned_addresses,

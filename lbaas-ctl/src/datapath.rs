@@ -435,6 +435,15 @@ impl Tables for KernelTables {
         self.rr.set(listener_id, 0, 0).map_err(map_err(MAP_RR))
     }
 
+    fn active_flows(&mut self, slot: u32) -> Result<u64, TableError> {
+        let counters = self.conns.get(&slot, 0).map_err(map_err(MAP_CONNS))?;
+        let expired = self.expired.get(&slot, 0).map_err(map_err(MAP_EXPIRED))?;
+        Ok(counters
+            .opened
+            .saturating_sub(counters.closed)
+            .saturating_sub(expired))
+    }
+
     fn reset_conn_counters(&mut self, slot: u32) -> Result<(), TableError> {
         self.expired.set(slot, 0, 0).map_err(map_err(MAP_EXPIRED))?;
         self.conns

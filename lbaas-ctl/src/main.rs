@@ -53,6 +53,9 @@ enum Command {
         /// afresh).
         #[arg(long, default_value_t = 60)]
         udp_idle_timeout: u64,
+        /// Seconds a removed member keeps serving its open flows at most (it gets no new ones).
+        #[arg(long, default_value_t = 300)]
+        member_drain_timeout: u64,
         /// Log format.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
@@ -151,6 +154,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             conntrack_size,
             maglev_table_size,
             udp_idle_timeout,
+            member_drain_timeout,
             log_format,
         } => {
             init_logging(log_format);
@@ -165,6 +169,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     udp_idle: Duration::from_secs(udp_idle_timeout),
                     ..ExpiryPolicy::default()
                 },
+                member_drain_timeout: Duration::from_secs(member_drain_timeout),
             })
             .await
         }

@@ -1,5 +1,7 @@
 use std::collections::HashMap;
 
+use std::time::{Duration, Instant};
+
 use super::*;
 use crate::config;
 
@@ -15,6 +17,8 @@ struct MemoryTables {
     ring: HashMap<u32, u32>,
     vips: HashMap<VipKey, VipInfo>,
     writes: usize,
+    /// Open flows per counter slot, as a test sets them.
+    active: HashMap<u32, u64>,
 }
 
 impl MemoryTables {
@@ -78,8 +82,12 @@ impl Tables for MemoryTables {
     fn reset_counter(&mut self, _listener_id: u32) -> Result<(), TableError> {
         Ok(())
     }
-    fn reset_conn_counters(&mut self, _slot: u32) -> Result<(), TableError> {
+    fn reset_conn_counters(&mut self, slot: u32) -> Result<(), TableError> {
+        self.active.remove(&slot);
         Ok(())
+    }
+    fn active_flows(&mut self, slot: u32) -> Result<u64, TableError> {
+        Ok(self.active.get(&slot).copied().unwrap_or(0))
     }
 }
 
@@ -297,4 +305,95 @@ fn ring_full_is_a_clear_error() {
         err.to_string(),
         format!("selection ring full: listener lb/web needs 4 slots, 2 are free of {RING_SLOTS}")
     );
+}
+
+#[test]
+fn a_removed_member_drains_its_open_flows_then_is_released() {
+    let mut tables = MemoryTables::default();
+    let mut programmer = Programmer::with_drain_timeout(Duration::from_secs(60));
+    let both = config(
+        "[{address: 10.9.1.1, protocol_port: 8080}, {address: 10.9.1.2, protocol_port: 8080}]",
+    );
+    let t0 = Instant::now();
+    programmer
+        .apply_at(&mut tables, &desired_default(&both), t0)
+        .unwrap();
+    let gone = MemberRef {
+        loadbalancer: "lb".into(),
+        pool: "p".into(),
+        addr: ip(1).0,
+        port: 8080,
+    };
+    let id = programmer.member_id(&gone).unwrap();
+    tables.active.insert(id, 2);
+
+    let one = config("[{address: 10.9.1.2, protocol_port: 8080}]");
+    let summary = programmer
+        .apply_at(&mut tables, &desired_default(&one), t0)
+        .unwrap();
+    assert_eq!((summary.members_removed, summary.members_released), (1, 0));
+    assert_eq!(
+        tables.rotation(&web_key()),
+        vec![ip(2)],
+        "no new flow for the removed member"
+    );
+    assert_ne!(
+        tables.members[&id].addr, 0,
+        "its open flows keep their member"
+    );
+    assert_eq!(programmer.draining_members(), 1);
+
+    // Back before it drained: same id, so its flows simply continue.
+    programmer
+        .apply_at(&mut tables, &desired_default(&both), t0)
+        .unwrap();
+    assert_eq!(programmer.member_id(&gone), Some(id));
+    programmer
+        .apply_at(&mut tables, &desired_default(&one), t0)
+        .unwrap();
+
+    // Its flows end: released on the next pass, slot cleared.
+    tables.active.insert(id, 0);
+    assert_eq!(programmer.release_drained(&mut tables, t0).unwrap(), 1);
+    assert_eq!(tables.members[&id].addr, 0);
+    assert_eq!(programmer.draining_members(), 0);
+}
+
+#[test]
+fn a_drain_that_never_ends_times_out() {
+    let mut tables = MemoryTables::default();
+    let mut programmer = Programmer::with_drain_timeout(Duration::from_secs(60));
+    let t0 = Instant::now();
+    programmer
+        .apply_at(
+            &mut tables,
+            &desired_default(&config("[{address: 10.9.1.1, protocol_port: 8080}]")),
+            t0,
+        )
+        .unwrap();
+    let id = programmer
+        .member_id(&MemberRef {
+            loadbalancer: "lb".into(),
+            pool: "p".into(),
+            addr: ip(1).0,
+            port: 8080,
+        })
+        .unwrap();
+    tables.active.insert(id, 1);
+    programmer
+        .apply_at(&mut tables, &desired_default(&config("[]")), t0)
+        .unwrap();
+    assert_eq!(
+        programmer
+            .release_drained(&mut tables, t0 + Duration::from_secs(59))
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        programmer
+            .release_drained(&mut tables, t0 + Duration::from_secs(60))
+            .unwrap(),
+        1
+    );
+    assert_eq!(tables.members[&id].addr, 0);
 }
