@@ -388,3 +388,289 @@ fn a_restarted_daemon_serves_the_same_vips() {
         ["member-1", "member-2", "member-1", "member-2"]
     );
 }
+
+/// A TCP connection opened from the client namespace, speaking the members' line echo.
+struct EchoConn {
+    reader: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl EchoConn {
+    /// Connects to VIP:`port` from inside the client namespace (a thread enters it; the socket
+    /// stays in it).
+    fn open(topo: &Topology, port: u16) -> std::io::Result<Self> {
+        let ns = topo.client();
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd as _;
+            let file = std::fs::File::open(format!("/var/run/netns/{ns}"))?;
+            // SAFETY: setns on a valid namespace fd changes only this thread's namespace.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let addr = std::net::SocketAddr::new(VIP.parse().unwrap(), port);
+            let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+            stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+            Ok(EchoConn {
+                reader: std::io::BufReader::new(stream),
+            })
+        })
+        .join()
+        .expect("connect thread")
+    }
+
+    /// Sends a line and returns the member's answer (`member-i:line`).
+    fn echo(&mut self, line: &str) -> String {
+        use std::io::{BufRead as _, Write as _};
+        self.reader
+            .get_mut()
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("send on the long-lived connection");
+        let mut answer = String::new();
+        self.reader
+            .read_line(&mut answer)
+            .expect("answer on the long-lived connection");
+        assert!(answer.ends_with('\n'), "connection closed: got {answer:?}");
+        answer.trim().to_string()
+    }
+
+    /// Which member answers on this connection.
+    fn member(&mut self) -> String {
+        self.echo("who").split(':').next().unwrap().to_string()
+    }
+}
+
+/// One load balancer with an HTTP listener (:80) and an echo listener (:7000) over the same
+/// members, with the given algorithm, per-member extras (`, weight: 0`) and listener extras.
+fn two_listeners(algorithm: &str, members: &[(usize, &str)], echo_extra: &str) -> String {
+    let list = |port: u16| {
+        members
+            .iter()
+            .map(|(i, extra)| {
+                format!(
+                    "{{address: {}, protocol_port: {port}{extra}}}",
+                    member_addr(*i)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "    listeners:\n      - {{name: web, protocol: TCP, protocol_port: 80, default_pool: web}}\n      - {{name: echo, protocol: TCP, protocol_port: 7000, default_pool: echo{echo_extra}}}\n    pools:\n      - {{name: web, protocol: TCP, lb_algorithm: {algorithm}, members: [{}]}}\n      - {{name: echo, protocol: TCP, lb_algorithm: {algorithm}, members: [{}]}}\n",
+        list(80),
+        list(7000)
+    )
+}
+
+fn lab(tag: &str, members: usize) -> (Topology, Daemon) {
+    topology::require_root();
+    let mut topo = Topology::new(tag, members);
+    for i in 1..=members {
+        topo.start_http_member(i);
+        topo.start_echo_member(i);
+    }
+    let daemon = start_daemon(&mut topo, "state");
+    (topo, daemon)
+}
+
+fn apply(topo: &Topology, daemon: &Daemon, body: &str) -> String {
+    ctl_ok(
+        daemon,
+        &["apply", "-f", &write_config(topo, "lb.yaml", body)],
+    )
+}
+
+#[test]
+fn draining_a_member_keeps_its_long_lived_connection_and_sends_new_ones_elsewhere() {
+    let (topo, daemon) = lab("drain", 2);
+    apply(
+        &topo,
+        &daemon,
+        &two_listeners("ROUND_ROBIN", &[(1, ""), (2, "")], ""),
+    );
+    let mut conn = EchoConn::open(&topo, 7000).unwrap();
+    assert_eq!(conn.member(), "member-1");
+    apply(
+        &topo,
+        &daemon,
+        &two_listeners("ROUND_ROBIN", &[(1, ", weight: 0"), (2, "")], ""),
+    );
+    for i in 0..5 {
+        assert_eq!(conn.echo(&format!("line{i}")), format!("member-1:line{i}"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(curls(&topo, 4), ["member-2"; 4]);
+    assert_eq!(EchoConn::open(&topo, 7000).unwrap().member(), "member-2");
+    assert_eq!(conn.echo("still-here"), "member-1:still-here");
+    let members = ctl_ok(&daemon, &["get", "members"]);
+    assert!(members.contains("DRAINING"), "{members}");
+}
+
+#[test]
+fn least_connections_sends_new_connections_to_the_less_busy_member() {
+    let (topo, daemon) = lab("lc", 2);
+    apply(
+        &topo,
+        &daemon,
+        &two_listeners("LEAST_CONNECTIONS", &[(1, "")], ""),
+    );
+    let mut held: Vec<EchoConn> = (0..3)
+        .map(|_| EchoConn::open(&topo, 7000).unwrap())
+        .collect();
+    for conn in &mut held {
+        assert_eq!(conn.member(), "member-1");
+    }
+    apply(
+        &topo,
+        &daemon,
+        &two_listeners("LEAST_CONNECTIONS", &[(1, ""), (2, "")], ""),
+    );
+    // Member-1 holds 3 idle connections: the next 3 go to member-2.
+    for _ in 0..3 {
+        let mut conn = EchoConn::open(&topo, 7000).unwrap();
+        assert_eq!(conn.member(), "member-2");
+        held.push(conn);
+    }
+    // Even now: the next two connections go one to each.
+    let mut next: Vec<String> = (0..2)
+        .map(|_| {
+            let mut c = EchoConn::open(&topo, 7000).unwrap();
+            let m = c.member();
+            held.push(c);
+            m
+        })
+        .collect();
+    next.sort();
+    assert_eq!(next, ["member-1", "member-2"]);
+}
+
+#[test]
+fn the_connection_limit_refuses_the_third_concurrent_connection() {
+    let (topo, daemon) = lab("limit", 1);
+    apply(
+        &topo,
+        &daemon,
+        &two_listeners("ROUND_ROBIN", &[(1, "")], ", connection_limit: 2"),
+    );
+    let mut first = EchoConn::open(&topo, 7000).unwrap();
+    let mut second = EchoConn::open(&topo, 7000).unwrap();
+    assert_eq!(
+        (first.member(), second.member()),
+        ("member-1".into(), "member-1".into())
+    );
+    let third = EchoConn::open(&topo, 7000);
+    let err = third
+        .err()
+        .expect("a third concurrent connection must be refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&ctl_ok(&daemon, &["stats", "-o", "json"])).unwrap();
+    let echo = stats["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["listener"] == "echo")
+        .unwrap()
+        .clone();
+    assert_eq!(echo["refused_connections"], 1, "{stats}");
+    assert_eq!(echo["active_connections"], 2, "{stats}");
+    // One closes: there is room again.
+    drop(first);
+    wait_until(
+        Duration::from_secs(5),
+        "the closed connection to free its place",
+        || EchoConn::open(&topo, 7000).is_ok_and(|mut c| c.member() == "member-1"),
+    );
+    assert_eq!(second.echo("ok"), "member-1:ok");
+}
+
+#[test]
+fn back_to_back_applies_under_traffic_lose_no_request() {
+    let (mut topo, daemon) = lab("loop", 3);
+    let all = [(1, ""), (2, ""), (3, "")];
+    apply(&topo, &daemon, &two_listeners("ROUND_ROBIN", &all, ""));
+    // The client requests continuously, each request on a new connection, and logs
+    // `start_ns end_ns body-or-FAIL` per request until the stop file appears.
+    let log = topo.path("traffic.log");
+    let stop = topo.path("stop");
+    let script = format!(
+        "import time,urllib.request,os\nout=open('{log}','w')\nwhile not os.path.exists('{stop}'):\n \
+         t=time.monotonic_ns()\n try:\n  b=urllib.request.urlopen('http://{VIP}/',timeout=3).read().decode().strip()\n \
+         except Exception as e:\n  b='FAIL:'+repr(e).replace(' ','_')\n out.write('%d %d %s\\n'%(t,time.monotonic_ns(),b)); out.flush()\n",
+        log = log.display(),
+        stop = stop.display()
+    );
+    let client = topo.client();
+    topo.spawn(&client, &["/usr/bin/python3", "-c", &script], "traffic.out");
+    wait_until(Duration::from_secs(10), "traffic to start", || {
+        topo.log("traffic.log").lines().count() > 5
+    });
+
+    // 100 changes: members leave and come back, weights change.
+    let sets: [&[(usize, &str)]; 5] = [
+        &[(1, ""), (2, "")],
+        &[(2, ", weight: 3"), (3, "")],
+        &[(1, ""), (3, ", weight: 2")],
+        &[(1, ", weight: 5"), (2, ""), (3, "")],
+        &[(3, "")],
+    ];
+    let mut windows = Vec::new(); // (applied_ns, next_apply_start_ns, allowed members)
+    for k in 0..100 {
+        let set = sets[k % sets.len()];
+        let start = lbaas_ctl::datapath::monotonic_ns();
+        if let Some(last) = windows.last_mut() {
+            let (_, end, _): &mut (u64, u64, Vec<String>) = last;
+            *end = start;
+        }
+        apply(&topo, &daemon, &two_listeners("ROUND_ROBIN", set, ""));
+        let done = lbaas_ctl::datapath::monotonic_ns();
+        let allowed = set.iter().map(|(i, _)| format!("member-{i}")).collect();
+        windows.push((done, u64::MAX, allowed));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(&stop, "").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let text = topo.log("traffic.log");
+    let requests: Vec<(u64, u64, &str)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ' ');
+            Some((
+                parts.next()?.parse().ok()?,
+                parts.next()?.parse().ok()?,
+                parts.next()?,
+            ))
+        })
+        .collect();
+    assert!(
+        requests.len() > 200,
+        "too little traffic to judge: {} requests",
+        requests.len()
+    );
+    let failed: Vec<_> = requests
+        .iter()
+        .filter(|r| r.2.starts_with("FAIL"))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        requests.len(),
+        &failed[..failed.len().min(5)]
+    );
+    // A request that started and ended between two applies went to a member of that config.
+    let mut judged = 0;
+    for (start, end, body) in &requests {
+        if let Some((_, _, allowed)) = windows
+            .iter()
+            .find(|(from, to, _)| start >= from && end <= to)
+        {
+            judged += 1;
+            assert!(
+                allowed.iter().any(|m| m == body),
+                "request {start}..{end} reached {body}, configured: {allowed:?}"
+            );
+        }
+    }
+    assert!(judged > 100, "only {judged} requests fell between applies");
+}

@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
@@ -804,13 +803,13 @@ fn the_connection_limit_refuses_the_next_syn_with_a_reset() {
     ));
     forwarded_to(&lb, &to_vip(40000), ns.lan);
     forwarded_to(&lb, &to_vip(40001), ns.lan);
-    // The third concurrent connection: a RST back to the client, on the same link.
+    // The third concurrent connection: a RST back to the client, out of the link it came in by.
     let mut third = to_vip(40002);
     third.payload = b"syn-with-data".to_vec();
     assert_frame(
         "refused",
         lb.run(&third.build(), ns.lan),
-        XDP_TX,
+        XDP_REDIRECT,
         &expected_reset(&third),
     );
     assert_eq!(lb.stat("refused_rst"), 1);

@@ -546,6 +546,7 @@ impl Programmer {
                 && live.vip == plan.vip
                 && live.info.flags == plan.flags
                 && live.info.algorithm == plan.algorithm
+                && live.info.conn_limit == plan.conn_limit
             {
                 continue;
             }

@@ -196,7 +196,22 @@ impl Datapath {
             .program_mut(PROGRAM_NAME)
             .ok_or(ProgramError::NotLoaded)?
             .try_into()?;
-        program.load()?;
+        // The verifier gives up with EAGAIN when a signal arrives during a long verification
+        // (this program's least-connections loop takes a few hundred ms); it asks to be
+        // tried again, so it is.
+        let mut attempts = 0;
+        loop {
+            match program.load() {
+                Ok(()) => break,
+                Err(ProgramError::LoadError { io_error, .. })
+                    if io_error.raw_os_error() == Some(libc::EAGAIN) && attempts < 5 =>
+                {
+                    attempts += 1;
+                    tracing::debug!(attempts, "verifier interrupted; loading again");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let tables = KernelTables {
             vips: take(&mut ebpf, MAP_VIPS)?,
             members: take(&mut ebpf, MAP_MEMBERS)?,

@@ -3,7 +3,9 @@
 //! else is dropped.
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext,
+    bindings::xdp_action,
+    helpers::generated::{bpf_redirect, bpf_xdp_adjust_tail},
+    programs::XdpContext,
 };
 use lbaas_common::{IPPROTO_TCP, STAT_DROP_CONN_LIMIT, STAT_REFUSED_RST};
 
@@ -86,5 +88,10 @@ fn reset(ctx: &XdpContext, pkt: &Packet) -> Result<u32, ()> {
         sum += u32::from(word);
     }
     write(ctx, l4o + l4::TCP_CHECK, !fold(sum))?;
-    Ok(xdp_action::XDP_TX)
+    // Back out of the interface it came in by. A redirect rather than XDP_TX: veth flushes
+    // XDP_TX frames to its peer only when the peer runs an XDP program, so a RST could sit
+    // queued until unrelated traffic came by; the redirect path always flushes. Refusals are
+    // rare, the difference in cost does not matter.
+    // SAFETY: plain helper call; it only records the target for after the program returns.
+    Ok(unsafe { bpf_redirect(ctx.ingress_ifindex() as u32, 0) } as u32)
 }

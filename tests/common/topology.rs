@@ -269,6 +269,29 @@ impl Topology {
         self.wait_tcp(&ns, &addr, 80);
     }
 
+    /// Starts a TCP line-echo server on member `i`, port 7000: each line comes back as
+    /// `member-i:<line>`; any number of concurrent connections.
+    pub fn start_echo_member(&mut self, i: usize) {
+        let addr = member_addr(i);
+        let script = format!(
+            "import socketserver\n\
+             class H(socketserver.StreamRequestHandler):\n \
+             def handle(self):\n  \
+             for line in self.rfile:\n   \
+             self.wfile.write(b'member-{i}:'+line); self.wfile.flush()\n\
+             socketserver.ThreadingTCPServer.allow_reuse_address=True\n\
+             socketserver.ThreadingTCPServer.daemon_threads=True\n\
+             socketserver.ThreadingTCPServer(('{addr}',7000),H).serve_forever()\n"
+        );
+        let ns = self.member(i);
+        self.spawn(
+            &ns,
+            &["/usr/bin/python3", "-u", "-c", &script],
+            &format!("echo{i}.log"),
+        );
+        self.wait_tcp(&ns, &addr, 7000);
+    }
+
     /// Starts a UDP echo server on member `i`, port 5353: it answers `member-i:<datagram>`.
     pub fn start_udp_member(&mut self, i: usize) {
         let addr = member_addr(i);

@@ -397,3 +397,33 @@ fn a_drain_that_never_ends_times_out() {
     );
     assert_eq!(tables.members[&id].addr, 0);
 }
+
+#[test]
+fn a_changed_connection_limit_rewrites_the_vip_in_place() {
+    let mut tables = MemoryTables::default();
+    let mut programmer = Programmer::new();
+    let members = "[{address: 10.9.1.1, protocol_port: 8080}]";
+    programmer
+        .apply(&mut tables, &desired_default(&config(members)))
+        .unwrap();
+    let before = tables.vips[&web_key()];
+    assert_eq!(before.conn_limit, 0);
+    let limited = config::load_str(
+        &format!(
+            "loadbalancers:\n  - name: lb\n    vip_address: 10.9.0.1\n    listeners:\n      - {{name: web, protocol: TCP, protocol_port: 80, default_pool: p, connection_limit: 7}}\n    pools:\n      - {{name: p, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: {members}}}\n"
+        ),
+        "t",
+    )
+    .unwrap();
+    let summary = programmer
+        .apply(&mut tables, &desired_default(&limited))
+        .unwrap();
+    assert_eq!(summary.vips_written, 1);
+    let after = tables.vips[&web_key()];
+    assert_eq!(after.conn_limit, 7);
+    assert_eq!(
+        (after.ring_base, after.ring_len),
+        (before.ring_base, before.ring_len),
+        "same schedule, same region"
+    );
+}
