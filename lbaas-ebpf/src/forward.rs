@@ -41,8 +41,9 @@ pub fn to_member(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<u32, (
             match new_flow_member(&flow, pkt, vip) {
                 Some(member) => (member, true),
                 None => {
+                    // Refused at once (a RST to a SYN) rather than left to time out.
                     maps::count(STAT_DROP_NO_MEMBER);
-                    return Ok(xdp_action::XDP_DROP);
+                    return refuse::connection(ctx, pkt);
                 }
             }
         }

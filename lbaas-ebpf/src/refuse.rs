@@ -1,4 +1,5 @@
-//! Refusing a new connection over the listener's limit: a TCP SYN is answered with a RST
+//! Refusing a new connection (over the listener's limit, or with no usable member, as for a
+//! disabled listener): a TCP SYN is answered with a RST
 //! (the client sees "connection refused" at once instead of retrying into a timeout); anything
 //! else is dropped.
 
