@@ -184,7 +184,7 @@ impl Lb {
         self.programmer
             .apply(
                 self.datapath.tables(),
-                &desired(&config, CompileOptions::default()),
+                &desired(&config, CompileOptions::default(), &Default::default()),
             )
             .expect("program tables");
     }

@@ -6,6 +6,7 @@
 //! | `POST /v1/apply?prune=true`     | [`ApplyRequest`]   | [`ApplyResponse`]              |
 //! | `DELETE /v1/loadbalancers/NAME` |                    | [`ApplyResponse`]              |
 //! | `GET /v1/stats`                 |                    | [`StatsResponse`]              |
+//! | `GET /v1/status`                |                    | [`StatusResponse`]             |
 //!
 //! Errors come back with a 4xx/5xx status and an [`ErrorResponse`].
 
@@ -24,6 +25,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::{
     config::{Config, ValidationError},
     diff::Change,
+    status::StatusResponse,
 };
 
 /// Body of `POST /v1/apply`.
@@ -121,6 +123,8 @@ pub trait Handler: Send + Sync + 'static {
     fn delete(&self, name: String) -> impl Future<Output = Result<ApplyResponse, ApiError>> + Send;
     /// Reads the counters.
     fn stats(&self) -> impl Future<Output = Result<StatsResponse, ApiError>> + Send;
+    /// The Octavia status trees.
+    fn status(&self) -> impl Future<Output = StatusResponse> + Send;
 }
 
 fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
@@ -159,6 +163,7 @@ async fn route<H: Handler>(handler: Arc<H>, request: Request<Incoming>) -> Respo
                 .map(|r| json_response(StatusCode::OK, &r)),
             Err(e) => Err(e),
         },
+        (&Method::GET, "/v1/status") => Ok(json_response(StatusCode::OK, &handler.status().await)),
         (&Method::GET, "/v1/stats") => handler
             .stats()
             .await
@@ -336,5 +341,10 @@ impl Client {
     /// Reads the counters.
     pub async fn stats(&self) -> Result<StatsResponse, ClientError> {
         self.call(Method::GET, "/v1/stats", None).await
+    }
+
+    /// The Octavia status trees.
+    pub async fn status(&self) -> Result<StatusResponse, ClientError> {
+        self.call(Method::GET, "/v1/status", None).await
     }
 }

@@ -67,7 +67,16 @@ pub struct DesiredTables {
     pub listeners: BTreeMap<ListenerRef, ListenerPlan>,
     /// Every member of every pool a listener uses, with its weight (drained and disabled ones
     /// too, so that established flows keep their member).
-    pub members: BTreeMap<MemberRef, u32>,
+    pub members: BTreeMap<MemberRef, MemberSpec>,
+}
+
+/// What the data path holds for one member.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemberSpec {
+    /// Weight, 0-256.
+    pub weight: u32,
+    /// Failed its health checks: out of selection, and flows pinned to it are rescheduled.
+    pub down: bool,
 }
 
 /// Compiler settings that are not part of the YAML model.
@@ -129,7 +138,13 @@ fn slots(algorithm: u32, usable: &[(MemberRef, u32)], options: CompileOptions) -
 }
 
 /// Computes the data-path tables of a validated configuration.
-pub fn desired(config: &Config, options: CompileOptions) -> DesiredTables {
+/// Members whose health checks failed are in `down`: they get no new flows, and when every
+/// other member of a pool is unusable its `backup: true` members take over.
+pub fn desired(
+    config: &Config,
+    options: CompileOptions,
+    down: &BTreeSet<MemberRef>,
+) -> DesiredTables {
     let mut out = DesiredTables::default();
     for lb in &config.loadbalancers {
         let Some(vip) = lb.vip() else { continue };
@@ -145,7 +160,7 @@ pub fn desired(config: &Config, options: CompileOptions) -> DesiredTables {
             let mut algo = ALGO_ROUND_ROBIN;
             if let Some(pool) = pool {
                 algo = algorithm(pool);
-                let mut usable = Vec::new();
+                let (mut usable, mut backups) = (Vec::new(), Vec::new());
                 for member in &pool.members {
                     let (Some(addr), Ok(port)) =
                         (member.ipv4(), u16::try_from(member.protocol_port))
@@ -159,10 +174,24 @@ pub fn desired(config: &Config, options: CompileOptions) -> DesiredTables {
                         port,
                     };
                     let weight = member.weight.clamp(0, 256) as u32;
-                    out.members.insert(member_ref.clone(), weight);
-                    if member.admin_state_up && weight > 0 {
-                        usable.push((member_ref, weight));
+                    let is_down = down.contains(&member_ref);
+                    out.members.insert(
+                        member_ref.clone(),
+                        MemberSpec {
+                            weight,
+                            down: is_down,
+                        },
+                    );
+                    if member.admin_state_up && weight > 0 && !is_down {
+                        if member.backup {
+                            backups.push((member_ref, weight));
+                        } else {
+                            usable.push((member_ref, weight));
+                        }
                     }
+                }
+                if usable.is_empty() {
+                    usable = backups;
                 }
                 let enabled = lb.admin_state_up && listener.admin_state_up && pool.admin_state_up;
                 if enabled {
@@ -404,7 +433,7 @@ pub struct Programmer {
     ring: RingAllocator,
     listeners: BTreeMap<ListenerRef, LiveListener>,
     /// Live members: id and what the kernel holds.
-    members: BTreeMap<MemberRef, (u32, MemberInfo)>,
+    members: BTreeMap<MemberRef, (u32, MemberInfo, bool)>,
     /// Removed members still draining their open flows.
     retired: BTreeMap<MemberRef, Retired>,
     drain_timeout: Duration,
@@ -475,7 +504,7 @@ impl Programmer {
 
     /// The member id given to a member, if it is live.
     pub fn member_id(&self, member: &MemberRef) -> Option<u32> {
-        self.members.get(member).map(|(id, _)| *id)
+        self.members.get(member).map(|(id, _, _)| *id)
     }
 
     /// The listener id given to a listener, if it is live.
@@ -503,7 +532,7 @@ impl Programmer {
         // A removed member that comes back resumes with its id, generation and flows.
         for member in want.members.keys() {
             if let Some(r) = self.retired.remove(member) {
-                self.members.insert(member.clone(), (r.id, r.info));
+                self.members.insert(member.clone(), (r.id, r.info, false));
             }
         }
         summary.members_released += self.release_drained(tables, now)?;
@@ -514,13 +543,22 @@ impl Programmer {
         // (moved or deleted) used it before.
         let wanted_vips: BTreeSet<VipKey> = want.listeners.values().map(|p| p.vip).collect();
         // 1. New members get a slot before any schedule can name them; weights are updated.
-        for (member, weight) in &want.members {
-            if let Some((id, info)) = self.members.get_mut(member) {
-                if info.weight != *weight {
+        for (member, spec) in &want.members {
+            let weight = &spec.weight;
+            if let Some((id, info, down)) = self.members.get_mut(member) {
+                let falls = spec.down && !*down;
+                if info.weight != *weight || falls {
                     info.weight = *weight;
+                    if falls {
+                        // A new generation: flows pinned to the fallen member are
+                        // rescheduled by the data path instead of black-holed.
+                        self.generation = self.generation.wrapping_add(1).max(1);
+                        info.generation = self.generation;
+                    }
                     tables.set_member(*id, *info)?;
                     summary.members_written += 1;
                 }
+                *down = spec.down;
                 continue;
             }
             let id = self.member_ids.take().ok_or(TableError::TooManyMembers)?;
@@ -534,7 +572,7 @@ impl Programmer {
             };
             tables.reset_conn_counters(id)?;
             tables.set_member(id, info)?;
-            self.members.insert(member.clone(), (id, info));
+            self.members.insert(member.clone(), (id, info, spec.down));
             summary.members_written += 1;
         }
         // 2. Each new or changed listener: ring region beside the live one, then one switch.
@@ -630,7 +668,7 @@ impl Programmer {
             .cloned()
             .collect();
         for member in gone {
-            let (id, info) = self.members.remove(&member).expect("listed above");
+            let (id, info, _) = self.members.remove(&member).expect("listed above");
             self.retired.insert(
                 member,
                 Retired {

@@ -1014,9 +1014,6 @@ fn validate_pool(c: &mut Checker, at: &str, p: &Pool) {
             ),
         );
     }
-    if p.healthmonitor.is_some() {
-        c.not_yet(format!("{at}.healthmonitor"), "health monitoring");
-    }
 }
 
 fn validate_persistence(

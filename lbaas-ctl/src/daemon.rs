@@ -1,7 +1,7 @@
 //! The daemon: owns the data path, applies configurations, persists them, serves the API.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -14,11 +14,13 @@ use tokio::{net::UnixListener, signal::unix::SignalKind, sync::Mutex};
 
 use crate::{
     api::{self, ApiError, ApplyRequest, ApplyResponse, ListenerCounters, StatsResponse},
-    compile::{self, CompileOptions, ListenerRef, Programmer},
+    compile::{self, CompileOptions, ListenerRef, MemberRef, Programmer},
     config::{self, Config, ConfigError},
     datapath::{self as dp, AttachMode, Datapath, ExpiryPolicy, GLOBAL_STAT_NAMES, LoadOptions},
     diff::{self, Change},
+    health::{self, Monitors, Transition},
     net::VipAddresses,
+    status::{self, MemberHealth, StatusResponse},
 };
 
 /// How the daemon runs.
@@ -60,6 +62,12 @@ const STATE_FILE: &str = "state.json";
 struct Controller {
     datapath: Datapath,
     programmer: Programmer,
+    /// Health probes of monitored members.
+    monitors: Monitors,
+    /// Monitored members' last known health.
+    health: BTreeMap<MemberRef, MemberHealth>,
+    /// Monitored members that failed their checks.
+    down: BTreeSet<MemberRef>,
     state: State,
     addresses: VipAddresses,
     state_path: PathBuf,
@@ -116,11 +124,25 @@ impl Controller {
             });
         }
         let changes = diff::diff(&self.state.config, &new);
+        // Probes follow the configuration; a new or changed probe starts its member as up.
+        let probes = health::probes(&new);
+        for member in self.monitors.sync(&probes) {
+            self.down.remove(&member);
+            self.health.insert(
+                member,
+                MemberHealth {
+                    up: true,
+                    reason: "checks started".into(),
+                },
+            );
+        }
+        self.down.retain(|m| probes.contains_key(m));
+        self.health.retain(|m, _| probes.contains_key(m));
         let summary = self
             .programmer
             .apply(
                 self.datapath.tables(),
-                &compile::desired(&new, self.compile),
+                &compile::desired(&new, self.compile, &self.down),
             )
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         self.sync_addresses(&vips(&new)).await?;
@@ -140,6 +162,35 @@ impl Controller {
                 .join(", ")
         );
         Ok(changes)
+    }
+
+    /// Applies a health transition: the member leaves or rejoins selection at once.
+    fn on_transition(&mut self, t: Transition) {
+        if !self.health.contains_key(&t.member) {
+            return; // no longer monitored
+        }
+        let member = format!(
+            "{}/{}/{}:{}",
+            t.member.loadbalancer, t.member.pool, t.member.addr, t.member.port
+        );
+        if t.up {
+            tracing::info!(%member, reason = %t.reason, "member ONLINE");
+            self.down.remove(&t.member);
+        } else {
+            tracing::warn!(%member, reason = %t.reason, "member ERROR: out of selection, its flows rescheduled");
+            self.down.insert(t.member.clone());
+        }
+        self.health.insert(
+            t.member,
+            MemberHealth {
+                up: t.up,
+                reason: t.reason,
+            },
+        );
+        let want = compile::desired(&self.state.config, self.compile, &self.down);
+        if let Err(e) = self.programmer.apply(self.datapath.tables(), &want) {
+            tracing::error!(error = %e, "reprogramming after a health change failed");
+        }
     }
 
     async fn sync_addresses(&mut self, wanted: &BTreeSet<Ipv4Addr>) -> Result<(), ApiError> {
@@ -259,6 +310,11 @@ impl api::Handler for Daemon {
     async fn stats(&self) -> Result<StatsResponse, ApiError> {
         self.controller.lock().await.stats()
     }
+
+    async fn status(&self) -> StatusResponse {
+        let controller = self.controller.lock().await;
+        status::tree(&controller.state.config, &controller.health)
+    }
 }
 
 fn warn_if_not_forwarding() {
@@ -309,7 +365,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     warn_if_not_forwarding();
     let addresses = VipAddresses::new(&options.interface)?;
+    let (transitions_tx, mut transitions) = tokio::sync::mpsc::unbounded_channel();
     let mut controller = Controller {
+        monitors: Monitors::new(transitions_tx),
+        health: BTreeMap::new(),
+        down: BTreeSet::new(),
         datapath,
         programmer: Programmer::with_drain_timeout(options.member_drain_timeout),
         state: State {
@@ -351,6 +411,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     });
     tracing::info!(socket = %options.socket.display(), interfaces = ?interfaces, "lbaas daemon ready");
 
+    let health_task = {
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            while let Some(t) = transitions.recv().await {
+                daemon.controller.lock().await.on_transition(t);
+            }
+        })
+    };
     let sweeper = {
         let daemon = daemon.clone();
         let policy = options.expiry;
@@ -384,6 +452,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
 
     sweeper.abort();
+    health_task.abort();
     let mut controller = daemon.controller.lock().await;
     let owned: Vec<Ipv4Addr> = controller.state.owned_addresses.iter().copied().collect();
     for addr in owned {

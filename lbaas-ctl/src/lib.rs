@@ -13,6 +13,8 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod diff;
+pub mod health;
 pub mod maglev;
 pub mod net;
 pub mod render;
+pub mod status;

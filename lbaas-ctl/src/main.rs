@@ -11,6 +11,7 @@ use lbaas_ctl::{
     datapath::{ExpiryPolicy, LoadOptions},
     diff, maglev,
     render::{self, Format, Kind},
+    status,
 };
 
 /// Load balancing as a service: an XDP data path programmed from Octavia-style YAML.
@@ -90,6 +91,14 @@ enum Command {
         #[arg(value_enum)]
         kind: Kind,
         /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Show the Octavia status tree (provisioning and operating status, member health).
+    Status {
+        /// Only this load balancer.
+        name: Option<String>,
+        /// Output format (`table` is an indented tree; json/yaml follow Octavia's layout).
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
     },
@@ -204,7 +213,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Get { kind, output } => {
             let running = client.config().await?;
-            print!("{}", render::rows(&running, kind).render(output));
+            let status = client.status().await?;
+            print!(
+                "{}",
+                render::rows(&running, kind, Some(&status)).render(output)
+            );
+            Ok(())
+        }
+        Command::Status { name, output } => {
+            let mut status = client.status().await?;
+            if let Some(name) = &name {
+                status
+                    .loadbalancers
+                    .retain(|s| &s.statuses.loadbalancer.name == name);
+                anyhow::ensure!(
+                    !status.loadbalancers.is_empty(),
+                    "no load balancer named {name:?}"
+                );
+            }
+            match output {
+                Format::Table => print!("{}", status::to_text(&status)),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+                Format::Yaml => print!("{}", serde_yaml_ng::to_string(&status)?),
+            }
             Ok(())
         }
         Command::Delete { name } => {

@@ -2,7 +2,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::{api::StatsResponse, config::Config};
+use crate::{api::StatsResponse, config::Config, status::StatusResponse};
 
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -50,8 +50,9 @@ fn operating_status(enabled: bool, drained: bool) -> &'static str {
     }
 }
 
-/// The rows `get KIND` shows for a configuration.
-pub fn rows(config: &Config, kind: Kind) -> Rows {
+/// The rows `get KIND` shows for a configuration; member operating statuses come from the
+/// daemon's status tree when given (health), or from the configuration alone.
+pub fn rows(config: &Config, kind: Kind, status: Option<&StatusResponse>) -> Rows {
     let mut out = Rows::default();
     match kind {
         Kind::Loadbalancers => {
@@ -147,7 +148,15 @@ pub fn rows(config: &Config, kind: Kind) -> Rows {
                             m.protocol_port.into(),
                             m.weight.into(),
                             yes_no(m.admin_state_up),
-                            operating_status(m.admin_state_up, m.weight == 0).into(),
+                            status
+                                .and_then(|s| {
+                                    let id = format!("{}:{}", m.address, m.protocol_port);
+                                    crate::status::member_status(s, &lb.name, &p.name, &id)
+                                })
+                                .unwrap_or_else(|| {
+                                    operating_status(m.admin_state_up, m.weight == 0).into()
+                                })
+                                .into(),
                         ]);
                     }
                 }
@@ -279,7 +288,7 @@ mod tests {
 
     #[test]
     fn members_table_is_aligned_with_statuses() {
-        let table = rows(&config(), Kind::Members).to_table();
+        let table = rows(&config(), Kind::Members, None).to_table();
         let expected = "\
 loadbalancer  pool  name  address    protocol_port  weight  admin_state_up  operating_status
 lb1           p     web1  10.9.1.1   22             1       true            NO_MONITOR
@@ -291,13 +300,13 @@ lb1           p     web3  10.9.1.3   22             1       false           OFFL
 
     #[test]
     fn json_and_yaml_keep_column_names() {
-        let r = rows(&config(), Kind::Listeners);
+        let r = rows(&config(), Kind::Listeners, None);
         let json: Value = serde_json::from_str(&r.render(Format::Json)).unwrap();
         assert_eq!(json[0]["protocol_port"], 22);
         assert_eq!(json[0]["default_pool"], "p");
         let yaml = r.render(Format::Yaml);
         assert!(yaml.contains("protocol: TCP"), "{yaml}");
-        let lbs = rows(&config(), Kind::Loadbalancers).to_value();
+        let lbs = rows(&config(), Kind::Loadbalancers, None).to_value();
         assert_eq!(lbs[0]["operating_status"], "ONLINE");
         assert_eq!(lbs[0]["provisioning_status"], "ACTIVE");
     }

@@ -4,9 +4,10 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::config;
+use std::collections::BTreeSet;
 
 fn desired_default(c: &Config) -> DesiredTables {
-    desired(c, CompileOptions::default())
+    desired(c, CompileOptions::default(), &BTreeSet::new())
 }
 
 /// Kernel tables in memory. After every single write it checks what the data path could see
@@ -425,5 +426,84 @@ fn a_changed_connection_limit_rewrites_the_vip_in_place() {
         (after.ring_base, after.ring_len),
         (before.ring_base, before.ring_len),
         "same schedule, same region"
+    );
+}
+
+#[test]
+fn a_fallen_member_leaves_selection_and_its_flows_are_rescheduled() {
+    let mut tables = MemoryTables::default();
+    let mut programmer = Programmer::new();
+    let c = config(
+        "[{address: 10.9.1.1, protocol_port: 8080}, {address: 10.9.1.2, protocol_port: 8080}]",
+    );
+    programmer.apply(&mut tables, &desired_default(&c)).unwrap();
+    let m1 = MemberRef {
+        loadbalancer: "lb".into(),
+        pool: "p".into(),
+        addr: ip(1).0,
+        port: 8080,
+    };
+    let id = programmer.member_id(&m1).unwrap();
+    let generation = tables.members[&id].generation;
+    let down = BTreeSet::from([m1.clone()]);
+    programmer
+        .apply(&mut tables, &desired(&c, CompileOptions::default(), &down))
+        .unwrap();
+    assert_eq!(tables.rotation(&web_key()), vec![ip(2)]);
+    assert_ne!(
+        tables.members[&id].generation, generation,
+        "pinned flows see a new generation"
+    );
+    assert_ne!(tables.members[&id].addr, 0);
+    // Back up: selected again, same id.
+    programmer.apply(&mut tables, &desired_default(&c)).unwrap();
+    assert_eq!(tables.rotation(&web_key()), vec![ip(1), ip(2)]);
+    assert_eq!(programmer.member_id(&m1), Some(id));
+}
+
+#[test]
+fn backup_members_serve_only_when_every_other_member_is_unusable() {
+    let mut tables = MemoryTables::default();
+    let mut programmer = Programmer::new();
+    let c = config(
+        "[{address: 10.9.1.1, protocol_port: 8080}, {address: 10.9.1.3, protocol_port: 8080, backup: true}]",
+    );
+    programmer.apply(&mut tables, &desired_default(&c)).unwrap();
+    assert_eq!(tables.rotation(&web_key()), vec![ip(1)]);
+    let m1 = MemberRef {
+        loadbalancer: "lb".into(),
+        pool: "p".into(),
+        addr: ip(1).0,
+        port: 8080,
+    };
+    programmer
+        .apply(
+            &mut tables,
+            &desired(&c, CompileOptions::default(), &BTreeSet::from([m1])),
+        )
+        .unwrap();
+    assert_eq!(tables.rotation(&web_key()), vec![ip(3)]);
+    let b = MemberRef {
+        loadbalancer: "lb".into(),
+        pool: "p".into(),
+        addr: ip(3).0,
+        port: 8080,
+    };
+    let m1 = MemberRef {
+        loadbalancer: "lb".into(),
+        pool: "p".into(),
+        addr: ip(1).0,
+        port: 8080,
+    };
+    programmer
+        .apply(
+            &mut tables,
+            &desired(&c, CompileOptions::default(), &BTreeSet::from([m1, b])),
+        )
+        .unwrap();
+    assert_eq!(
+        tables.vips[&web_key()].ring_len,
+        0,
+        "all down: new connections refused"
     );
 }
