@@ -3,132 +3,13 @@
 
 mod common;
 
-use std::{
-    path::PathBuf,
-    process::{Command, Output, Stdio},
-    time::Duration,
-};
+use common::daemon::*;
+
+use std::time::Duration;
 
 use common::topology::{
     self, CLIENT_ADDR, LB_CLIENT_SIDE_ADDR, Topology, VIP, member_addr, wait_until,
 };
-
-const CTL: &str = env!("CARGO_BIN_EXE_lbaas-ctl");
-
-/// The daemon running in the topology's LB namespace.
-struct Daemon {
-    pid: u32,
-    socket: PathBuf,
-    state_dir: PathBuf,
-}
-
-fn start_daemon(topo: &mut Topology, state_dir: &str) -> Daemon {
-    let socket = topo.path("lbaas.sock");
-    let state_dir = topo.path(state_dir);
-    let _ = std::fs::remove_file(&socket);
-    let lb = topo.lb();
-    let pid = topo.spawn(
-        &lb,
-        &[
-            CTL,
-            "--socket",
-            socket.to_str().unwrap(),
-            "daemon",
-            "--interface",
-            "lan0",
-            "--member-interface",
-            "mem0",
-            "--state-dir",
-            state_dir.to_str().unwrap(),
-        ],
-        "daemon.log",
-    );
-    let daemon = Daemon {
-        pid,
-        socket,
-        state_dir,
-    };
-    wait_until(Duration::from_secs(20), "the daemon's API socket", || {
-        ctl(&daemon, &["get", "loadbalancers"]).status.success()
-    });
-    daemon
-}
-
-fn ctl(daemon: &Daemon, args: &[&str]) -> Output {
-    Command::new(CTL)
-        .arg("--socket")
-        .arg(&daemon.socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run lbaas-ctl")
-}
-
-fn ctl_ok(daemon: &Daemon, args: &[&str]) -> String {
-    let out = ctl(daemon, args);
-    assert!(
-        out.status.success(),
-        "lbaas-ctl {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Writes a one-load-balancer file with the given listeners and pools blocks.
-fn write_config(topo: &Topology, name: &str, body: &str) -> String {
-    let path = topo.path(name);
-    std::fs::write(
-        &path,
-        format!("loadbalancers:\n  - name: lb1\n    vip_address: {VIP}\n{body}"),
-    )
-    .unwrap();
-    path.display().to_string()
-}
-
-fn http_pool(members: &[usize]) -> String {
-    let mut out = String::from(
-        "    listeners:\n      - {name: web, protocol: TCP, protocol_port: 80, default_pool: web-pool}\n    pools:\n      - name: web-pool\n        protocol: TCP\n        lb_algorithm: ROUND_ROBIN\n        members:\n",
-    );
-    for i in members {
-        out.push_str(&format!(
-            "          - {{name: m{i}, address: {}, protocol_port: 80}}\n",
-            member_addr(*i)
-        ));
-    }
-    out
-}
-
-fn vip_on_interface(topo: &Topology) -> bool {
-    let out = topo.exec(&topo.lb(), &["ip", "-4", "addr", "show", "dev", "lan0"]);
-    String::from_utf8_lossy(&out.stdout).contains(&format!("{VIP}/32"))
-}
-
-fn curls(topo: &Topology, n: usize) -> Vec<String> {
-    let url = format!("http://{VIP}/");
-    (0..n)
-        .map(|i| {
-            topo.curl(&url).unwrap_or_else(|e| {
-                panic!(
-                    "curl #{i} failed: {e}\ndaemon log:\n{}",
-                    topo.log("daemon.log")
-                )
-            })
-        })
-        .collect()
-}
-
-fn forwarded_by_xdp(daemon: &Daemon) -> u64 {
-    let stats: serde_json::Value =
-        serde_json::from_str(&ctl_ok(daemon, &["stats", "-o", "json"])).unwrap();
-    stats["datapath"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|kv| kv[0] == "forwarded")
-        .and_then(|kv| kv[1].as_u64())
-        .unwrap()
-}
 
 #[test]
 fn round_robin_alternates_between_http_members() {

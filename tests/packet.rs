@@ -955,7 +955,6 @@ fn least_connections_stays_balanced_under_concurrent_new_flows() {
         t.join().unwrap();
     }
     let lb = std::sync::Arc::try_unwrap(lb).ok().expect("threads done");
-    let mut lb = lb;
     let (a, b) = (
         lb.datapath.active_flows(0).unwrap(),
         lb.datapath.active_flows(1).unwrap(),

@@ -317,20 +317,7 @@ impl Datapath {
     /// Active flows of a member id, or of `MAX_MEMBERS + listener id`: opened - closed -
     /// expired, as the data path counts them.
     pub fn active_flows(&self, slot: u32) -> Result<u64, DatapathError> {
-        let counters = self
-            .tables
-            .conns
-            .get(&slot, 0)
-            .map_err(map_error(MAP_CONNS))?;
-        let expired = self
-            .tables
-            .expired
-            .get(&slot, 0)
-            .map_err(map_error(MAP_EXPIRED))?;
-        Ok(counters
-            .opened
-            .saturating_sub(counters.closed)
-            .saturating_sub(expired))
+        self.tables.active(slot).map_err(map_error(MAP_CONNS))
     }
 
     /// Entries in the connection table (a full scan; for tests and diagnostics).
@@ -412,6 +399,16 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> TableError {
 }
 
 impl KernelTables {
+    /// Open flows of a counter slot: opened - closed - expired.
+    fn active(&self, slot: u32) -> Result<u64, MapError> {
+        let counters = self.conns.get(&slot, 0)?;
+        let expired = self.expired.get(&slot, 0)?;
+        Ok(counters
+            .opened
+            .saturating_sub(counters.closed)
+            .saturating_sub(expired))
+    }
+
     /// Adds one to an expired counter (the controller is its only writer).
     fn add_expired(&mut self, slot: u32) -> Result<(), DatapathError> {
         let value = self.expired.get(&slot, 0).map_err(map_error(MAP_EXPIRED))?;
@@ -451,12 +448,7 @@ impl Tables for KernelTables {
     }
 
     fn active_flows(&mut self, slot: u32) -> Result<u64, TableError> {
-        let counters = self.conns.get(&slot, 0).map_err(map_err(MAP_CONNS))?;
-        let expired = self.expired.get(&slot, 0).map_err(map_err(MAP_EXPIRED))?;
-        Ok(counters
-            .opened
-            .saturating_sub(counters.closed)
-            .saturating_sub(expired))
+        self.active(slot).map_err(map_err(MAP_CONNS))
     }
 
     fn reset_conn_counters(&mut self, slot: u32) -> Result<(), TableError> {

@@ -269,6 +269,62 @@ impl Topology {
         self.wait_tcp(&ns, &addr, 80);
     }
 
+    /// Starts an HTTP server on member `i`, port 80 (and HTTPS on 443 with `tls` = PEM
+    /// certificate and key paths): `/health` answers 200 while the file `healthy<i>` exists in
+    /// the scratch directory and 503 otherwise; every other path answers `member-i`.
+    /// Returns the server's pid.
+    pub fn start_health_member(&mut self, i: usize, tls: Option<(&Path, &Path)>) -> u32 {
+        let flag = self.dir.join(format!("healthy{i}"));
+        std::fs::write(&flag, "").expect("health flag");
+        let addr = member_addr(i);
+        let tls_lines = match tls {
+            Some((cert, key)) => format!(
+                "import ssl,threading\n\
+                 t=ThreadingHTTPServer(('{addr}',443),H)\n\
+                 c=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); c.load_cert_chain('{}','{}')\n\
+                 t.socket=c.wrap_socket(t.socket,server_side=True)\n\
+                 threading.Thread(target=t.serve_forever,daemon=True).start()\n",
+                cert.display(),
+                key.display()
+            ),
+            None => String::new(),
+        };
+        let script = format!(
+            "import os\n\
+             from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer\n\
+             class H(BaseHTTPRequestHandler):\n \
+             def do_GET(self):\n  \
+             ok=self.path!='/health' or os.path.exists('{flag}')\n  \
+             body=(b'member-{i}\\n' if self.path!='/health' else (b'ok\\n' if ok else b'sick\\n'))\n  \
+             self.send_response(200 if ok else 503); self.send_header('Content-Length',str(len(body))); self.end_headers(); self.wfile.write(body)\n \
+             def log_message(self,*a): pass\n\
+             {tls_lines}\
+             ThreadingHTTPServer(('{addr}',80),H).serve_forever()\n",
+            flag = flag.display()
+        );
+        let ns = self.member(i);
+        let pid = self.spawn(
+            &ns,
+            &["/usr/bin/python3", "-u", "-c", &script],
+            &format!("health{i}.log"),
+        );
+        self.wait_tcp(&ns, &addr, 80);
+        if tls.is_some() {
+            self.wait_tcp(&ns, &addr, 443);
+        }
+        pid
+    }
+
+    /// Marks member `i`'s `/health` as failing (503) or passing (200).
+    pub fn set_healthy(&self, i: usize, healthy: bool) {
+        let flag = self.dir.join(format!("healthy{i}"));
+        if healthy {
+            std::fs::write(&flag, "").expect("health flag");
+        } else {
+            let _ = std::fs::remove_file(&flag);
+        }
+    }
+
     /// Starts a TCP line-echo server on member `i`, port 7000: each line comes back as
     /// `member-i:<line>`; any number of concurrent connections.
     pub fn start_echo_member(&mut self, i: usize) {
@@ -293,19 +349,21 @@ impl Topology {
     }
 
     /// Starts a UDP echo server on member `i`, port 5353: it answers `member-i:<datagram>`.
-    pub fn start_udp_member(&mut self, i: usize) {
+    /// Returns its pid.
+    pub fn start_udp_member(&mut self, i: usize) -> u32 {
         let addr = member_addr(i);
         let script = format!(
             "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{addr}',5353))\n\
              while True:\n d,a=s.recvfrom(2048)\n s.sendto(b'member-{i}:'+d,a)\n"
         );
         let ns = self.member(i);
-        self.spawn(
+        let pid = self.spawn(
             &ns,
             &["/usr/bin/python3", "-u", "-c", &script],
             &format!("udp{i}.log"),
         );
         self.wait_listening(&ns, "-lun", &addr, 5353);
+        pid
     }
 
     /// Waits until something listens on `addr:port` (TCP) in `ns`.

@@ -50,6 +50,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iputils-ping",
     "python3",
     "procps",
+    "openssl",
 ];
 
 /// bpf-linker release known to work with aya 0.14 (see shared/TOOLCHAIN.md).
