@@ -248,25 +248,134 @@ fn a_restarted_daemon_serves_the_same_vips() {
     );
     assert_eq!(curls(&topo, 2), ["member-1", "member-2"]);
 
+    // SIGTERM leaves the data path in place: no daemon, traffic still balanced.
     let status = topo.stop(daemon.pid, "TERM");
     assert!(
         status.success(),
         "daemon exit on SIGTERM: {status}\n{}",
         topo.log("daemon.log")
     );
-    assert!(
-        !vip_on_interface(&topo),
-        "SIGTERM removes the VIP addresses the daemon added"
-    );
+    assert!(vip_on_interface(&topo), "the VIP stays on the interface");
     assert!(daemon.state_dir.join("state.json").exists());
+    assert_eq!(
+        curls(&topo, 2),
+        ["member-1", "member-2"],
+        "forwarding without a daemon"
+    );
 
+    // The restarted daemon takes over the same tables: the rotation simply goes on.
     let daemon = start_daemon(&mut topo, "state");
     assert!(vip_on_interface(&topo));
     let lbs = ctl_ok(&daemon, &["get", "loadbalancers"]);
     assert!(lbs.contains("lb1") && lbs.contains(VIP), "{lbs}");
+    assert!(
+        topo.log("daemon.log")
+            .contains("took over the pinned data path"),
+        "{}",
+        topo.log("daemon.log")
+    );
     assert_eq!(
         curls(&topo, 4),
         ["member-1", "member-2", "member-1", "member-2"]
+    );
+
+    // `lbaas-ctl detach` removes what the daemon left: program, pins, VIP address.
+    topo.stop(daemon.pid, "TERM");
+    // (In the LB node's namespace, where its interface is.)
+    let state = daemon.state_dir.to_str().unwrap();
+    let out = topo.exec(&topo.lb(), &[CTL, "detach", "--state-dir", state]);
+    assert!(
+        out.status.success(),
+        "detach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("program detached"), "{out}");
+    assert!(!vip_on_interface(&topo), "detach removes the VIP address");
+    assert!(topo.curl(&format!("http://{VIP}/")).is_err());
+}
+
+#[test]
+fn cleanup_on_exit_removes_the_data_path() {
+    topology::require_root();
+    let mut topo = Topology::new("cleanup", 1);
+    topo.start_http_member(1);
+    let daemon = start_daemon_with(&mut topo, "state", &["--cleanup-on-exit"]);
+    ctl_ok(
+        &daemon,
+        &[
+            "apply",
+            "-f",
+            &write_config(&topo, "lb.yaml", &http_pool(&[1])),
+        ],
+    );
+    assert_eq!(curls(&topo, 1), ["member-1"]);
+    assert!(topo.stop(daemon.pid, "TERM").success());
+    assert!(!vip_on_interface(&topo));
+    assert!(topo.curl(&format!("http://{VIP}/")).is_err());
+    let pins = topo.bpffs().join("lbaas");
+    assert!(
+        !pins.exists(),
+        "pins removed: {:?}",
+        std::fs::read_dir(&pins).map(|d| d.count())
+    );
+}
+
+#[test]
+fn kill_9_of_the_daemon_loses_no_request_and_no_connection() {
+    let (mut topo, daemon) = lab("kill9", 2);
+    apply(
+        &topo,
+        &daemon,
+        &two_listeners("ROUND_ROBIN", &[(1, ""), (2, "")], ""),
+    );
+    let mut conn = EchoConn::open(&topo, 7000).unwrap();
+    let first = conn.member();
+    // A request loop through the VIP, each request on a new connection.
+    let log = topo.path("traffic.log");
+    let stop = topo.path("stop");
+    let script = format!(
+        "import time,urllib.request,os\nout=open('{log}','w')\nwhile not os.path.exists('{stop}'):\n \
+         try:\n  b=urllib.request.urlopen('http://{VIP}/',timeout=3).read().decode().strip()\n \
+         except Exception as e:\n  b='FAIL:'+repr(e).replace(' ','_')\n out.write(b+'\\n'); out.flush(); time.sleep(0.01)\n",
+        log = log.display(),
+        stop = stop.display()
+    );
+    let client = topo.client();
+    topo.spawn(&client, &["/usr/bin/python3", "-c", &script], "traffic.out");
+    wait_until(Duration::from_secs(10), "traffic to start", || {
+        topo.log("traffic.log").lines().count() > 5
+    });
+    let exchange = |conn: &mut EchoConn, n: usize| {
+        for i in 0..n {
+            assert_eq!(conn.echo(&format!("m{i}")), format!("{first}:m{i}"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    exchange(&mut conn, 3);
+    topo.stop(daemon.pid, "KILL");
+    // No daemon at all for a while: everything keeps flowing.
+    exchange(&mut conn, 10);
+    let daemon = start_daemon(&mut topo, "state");
+    exchange(&mut conn, 5);
+    // An apply that changes every pool: established flows stay where they are.
+    apply(
+        &topo,
+        &daemon,
+        &two_listeners("ROUND_ROBIN", &[(1, ", weight: 3"), (2, ", weight: 2")], ""),
+    );
+    exchange(&mut conn, 5);
+    std::fs::write(&stop, "").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let results = topo.log("traffic.log");
+    let total = results.lines().count();
+    let failed: Vec<&str> = results.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert!(total > 100, "too little traffic: {total}");
+    assert!(
+        failed.is_empty(),
+        "{} of {total} requests failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
     );
 }
 

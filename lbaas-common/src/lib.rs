@@ -37,6 +37,20 @@ pub const MAP_LISTENER_STATS: &str = "LB_LSTATS";
 /// Name of the per-CPU global counters: stat index (`STAT_*`) -> u64.
 pub const MAP_GLOBAL_STATS: &str = "LB_GSTATS";
 
+/// Every map, e.g. to pin them all.
+pub const ALL_MAPS: [&str; 10] = [
+    MAP_VIPS,
+    MAP_MEMBERS,
+    MAP_RING,
+    MAP_RR,
+    MAP_CONNTRACK,
+    MAP_REVERSE,
+    MAP_CONNS,
+    MAP_EXPIRED,
+    MAP_LISTENER_STATS,
+    MAP_GLOBAL_STATS,
+];
+
 /// Maximum number of VIP:port:protocol entries.
 pub const MAX_VIPS: u32 = 4096;
 /// Maximum number of listeners (ids `0..MAX_LISTENERS`).

@@ -23,7 +23,9 @@ use crate::{
 };
 
 /// Identity of a listener: load balancer and listener names.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct ListenerRef {
     /// Load balancer name.
     pub loadbalancer: String,
@@ -32,7 +34,9 @@ pub struct ListenerRef {
 }
 
 /// Identity of a member: load balancer, pool, address and port.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct MemberRef {
     /// Load balancer name.
     pub loadbalancer: String,
@@ -320,6 +324,16 @@ struct IdPool {
 }
 
 impl IdPool {
+    /// A pool where `used` ids are taken.
+    fn with_used(max: u32, used: &BTreeSet<u32>) -> Self {
+        let next = used.last().map_or(0, |last| last + 1);
+        Self {
+            free: (0..next).filter(|id| !used.contains(id)).collect(),
+            next,
+            max,
+        }
+    }
+
     fn new(max: u32) -> Self {
         Self {
             free: BTreeSet::new(),
@@ -354,6 +368,23 @@ impl RingAllocator {
     fn new(slots: u32) -> Self {
         Self {
             free: BTreeMap::from([(0, slots)]),
+        }
+    }
+
+    /// Marks `[start, start + len)` as taken (it must be free).
+    fn take_at(&mut self, start: u32, len: u32) {
+        let Some((&region, &have)) = self.free.range(..=start).next_back() else {
+            return;
+        };
+        if region + have < start + len {
+            return;
+        }
+        self.free.remove(&region);
+        if start > region {
+            self.free.insert(region, start - region);
+        }
+        if region + have > start + len {
+            self.free.insert(start + len, region + have - start - len);
         }
     }
 
@@ -396,6 +427,31 @@ struct LiveListener {
     vip: VipKey,
     info: VipInfo,
     schedule: Vec<u32>,
+}
+
+/// What the programmer knows of the kernel tables, saved beside the pinned maps so that a
+/// restarted daemon takes over the same ids, generations and ring regions: the flows in the
+/// pinned connection table stay valid and an unchanged configuration writes nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Snapshot {
+    /// Last generation handed out.
+    pub generation: u32,
+    /// Live members: identity, id, generation, weight, down.
+    pub members: Vec<(MemberRef, u32, u32, u32, bool)>,
+    /// Draining members: identity, id, generation, weight.
+    pub retired: Vec<(MemberRef, u32, u32, u32)>,
+    /// Listeners: identity, id, VIP (address, port, protocol, all as in the map), flags,
+    /// algorithm, ring base, connection limit, and the ring region's member ids.
+    pub listeners: Vec<(
+        ListenerRef,
+        u32,
+        (u32, u16, u8),
+        u32,
+        u32,
+        u32,
+        u32,
+        Vec<u32>,
+    )>,
 }
 
 /// What an apply did to the tables, for logs.
@@ -464,6 +520,112 @@ impl Programmer {
             generation: 0,
             quarantined: Vec::new(),
         }
+    }
+
+    /// What the programmer holds, to save.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            generation: self.generation,
+            members: self
+                .members
+                .iter()
+                .map(|(m, (id, info, down))| (m.clone(), *id, info.generation, info.weight, *down))
+                .collect(),
+            retired: self
+                .retired
+                .iter()
+                .map(|(m, r)| (m.clone(), r.id, r.info.generation, r.info.weight))
+                .collect(),
+            listeners: self
+                .listeners
+                .iter()
+                .map(|(l, live)| {
+                    (
+                        l.clone(),
+                        live.id,
+                        (live.vip.addr, live.vip.port, live.vip.proto),
+                        live.info.flags,
+                        live.info.algorithm,
+                        live.info.ring_base,
+                        live.info.conn_limit,
+                        live.schedule.clone(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// A programmer that takes over tables a previous one left (see [`Snapshot`]). Removed
+    /// members still draining restart their drain timeout now.
+    pub fn restore(snapshot: &Snapshot, drain_timeout: Duration) -> Self {
+        let mut p = Self::with_drain_timeout(drain_timeout);
+        p.generation = snapshot.generation;
+        let member_info = |m: &MemberRef, generation: u32, weight: u32| MemberInfo {
+            addr: u32::from_ne_bytes(m.addr.octets()),
+            port: m.port.to_be(),
+            _pad: 0,
+            generation,
+            weight,
+        };
+        let mut used_members = BTreeSet::new();
+        for (m, id, generation, weight, down) in &snapshot.members {
+            p.members.insert(
+                m.clone(),
+                (*id, member_info(m, *generation, *weight), *down),
+            );
+            used_members.insert(*id);
+        }
+        let now = Instant::now();
+        for (m, id, generation, weight) in &snapshot.retired {
+            let info = member_info(m, *generation, *weight);
+            p.retired.insert(
+                m.clone(),
+                Retired {
+                    id: *id,
+                    info,
+                    since: now,
+                },
+            );
+            used_members.insert(*id);
+        }
+        p.member_ids = IdPool::with_used(MAX_MEMBERS, &used_members);
+        let mut used_listeners = BTreeSet::new();
+        let mut ring = RingAllocator::new(RING_SLOTS);
+        for (l, id, (addr, port, proto), flags, algorithm, ring_base, conn_limit, schedule) in
+            &snapshot.listeners
+        {
+            let len = schedule.len() as u32;
+            if len > 0 {
+                ring.take_at(*ring_base, len);
+            }
+            let vip = VipKey {
+                addr: *addr,
+                port: *port,
+                proto: *proto,
+                _pad: 0,
+            };
+            let info = VipInfo {
+                listener_id: *id,
+                flags: *flags,
+                algorithm: *algorithm,
+                ring_base: *ring_base,
+                ring_len: len,
+                conn_limit: *conn_limit,
+            };
+            p.listeners.insert(
+                l.clone(),
+                LiveListener {
+                    id: *id,
+                    vip,
+                    info,
+                    schedule: schedule.clone(),
+                },
+            );
+            used_listeners.insert(*id);
+        }
+        p.listener_ids = IdPool::with_used(MAX_LISTENERS, &used_listeners);
+        p.ring = ring;
+        p
     }
 
     /// A programmer whose removed members drain for at most `timeout`.

@@ -42,6 +42,9 @@ pub struct Options {
     pub expiry: ExpiryPolicy,
     /// How long a removed member keeps serving its open flows at most.
     pub member_drain_timeout: std::time::Duration,
+    /// On SIGTERM/SIGINT, detach the program and remove pins and VIP addresses (by default
+    /// they stay, so a restart or an upgrade loses no flow).
+    pub cleanup_on_exit: bool,
 }
 
 /// How often the connection table is swept for idle flows.
@@ -49,14 +52,23 @@ const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What the daemon persists.
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct State {
+pub struct State {
     /// The applied configuration.
-    config: Config,
+    pub config: Config,
     /// VIP addresses this daemon added to the interface (and so may remove).
-    owned_addresses: BTreeSet<Ipv4Addr>,
+    pub owned_addresses: BTreeSet<Ipv4Addr>,
+    /// The client-facing interface the addresses are on.
+    #[serde(default)]
+    pub interface: String,
+    /// Where the data path is pinned.
+    #[serde(default)]
+    pub pin_dir: Option<PathBuf>,
 }
 
-const STATE_FILE: &str = "state.json";
+/// The daemon's state file in its state directory.
+pub const STATE_FILE: &str = "state.json";
+/// The programmer's snapshot (ids, generations, ring regions of the pinned maps).
+const SNAPSHOT_FILE: &str = "datapath.json";
 
 /// The daemon's mutable core, behind one lock: applies are serialized.
 struct Controller {
@@ -74,7 +86,8 @@ struct Controller {
     compile: CompileOptions,
 }
 
-fn read_state(path: &Path) -> anyhow::Result<State> {
+/// Reads a state file (missing: empty state).
+pub fn read_state(path: &Path) -> anyhow::Result<State> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
             format!(
@@ -88,7 +101,7 @@ fn read_state(path: &Path) -> anyhow::Result<State> {
 }
 
 /// Writes a file atomically: temporary file, fsync, rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::File::create(&tmp)?;
@@ -191,6 +204,9 @@ impl Controller {
         if let Err(e) = self.programmer.apply(self.datapath.tables(), &want) {
             tracing::error!(error = %e, "reprogramming after a health change failed");
         }
+        if let Err(e) = self.persist() {
+            tracing::warn!(error = %e, "saving the data-path snapshot failed");
+        }
     }
 
     async fn sync_addresses(&mut self, wanted: &BTreeSet<Ipv4Addr>) -> Result<(), ApiError> {
@@ -218,14 +234,20 @@ impl Controller {
     }
 
     fn persist(&self) -> Result<(), ApiError> {
-        let bytes = serde_json::to_vec_pretty(&self.state)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        write_atomic(&self.state_path, &bytes).map_err(|e| {
+        let fail = |path: &Path, e: String| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("writing {}: {e}", self.state_path.display()),
+                format!("writing {}: {e}", path.display()),
             )
-        })
+        };
+        // The snapshot first: a state file never names tables the snapshot does not describe.
+        let snapshot_path = self.state_path.with_file_name(SNAPSHOT_FILE);
+        let snapshot = serde_json::to_vec(&self.programmer.snapshot())
+            .map_err(|e| fail(&snapshot_path, e.to_string()))?;
+        write_atomic(&snapshot_path, &snapshot).map_err(|e| fail(&snapshot_path, e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(&self.state)
+            .map_err(|e| fail(&self.state_path, e.to_string()))?;
+        write_atomic(&self.state_path, &bytes).map_err(|e| fail(&self.state_path, e.to_string()))
     }
 
     fn stats(&self) -> Result<StatsResponse, ApiError> {
@@ -345,7 +367,28 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             .join("\n")
     );
 
-    let mut datapath = Datapath::load(options.load)?;
+    let mut datapath = Datapath::load(options.load.clone())?;
+    let snapshot_path = options.state_dir.join(SNAPSHOT_FILE);
+    let mut programmer = Programmer::with_drain_timeout(options.member_drain_timeout);
+    if datapath.reused_maps() {
+        match std::fs::read(&snapshot_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<compile::Snapshot>(&b).ok())
+        {
+            Some(snapshot) => {
+                programmer = Programmer::restore(&snapshot, options.member_drain_timeout);
+                tracing::info!(pins = ?options.load.pin_dir, "took over the pinned data path and its flows");
+            }
+            None => {
+                let cleared = datapath.clear_vips()?;
+                tracing::warn!(
+                    snapshot = %snapshot_path.display(),
+                    cleared,
+                    "pinned maps found without their snapshot: VIP entries cleared and rebuilt; flows of changed ids will be rescheduled"
+                );
+            }
+        }
+    }
     let mut interfaces = vec![options.interface.clone()];
     if let Some(member) = &options.member_interface
         && member != &options.interface
@@ -353,13 +396,16 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         interfaces.push(member.clone());
     }
     for interface in &interfaces {
-        let mode = datapath.attach(interface)?;
+        let mode = datapath.attach_pinned(interface)?;
         match mode {
             AttachMode::Native => {
                 tracing::info!(%interface, "XDP attached in native (driver) mode")
             }
             AttachMode::Generic => {
                 tracing::warn!(%interface, "driver has no native XDP: attached in generic (skb) mode")
+            }
+            AttachMode::Replaced => {
+                tracing::info!(%interface, "XDP program replaced atomically in the pinned link")
             }
         }
     }
@@ -371,10 +417,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         health: BTreeMap::new(),
         down: BTreeSet::new(),
         datapath,
-        programmer: Programmer::with_drain_timeout(options.member_drain_timeout),
+        programmer,
         state: State {
             config: Config::default(),
             owned_addresses: saved.owned_addresses,
+            interface: options.interface.clone(),
+            pin_dir: options.load.pin_dir.clone(),
         },
         addresses,
         state_path,
@@ -454,20 +502,28 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     sweeper.abort();
     health_task.abort();
     let mut controller = daemon.controller.lock().await;
-    let owned: Vec<Ipv4Addr> = controller.state.owned_addresses.iter().copied().collect();
-    for addr in owned {
-        match controller.addresses.remove(addr).await {
-            Ok(()) => {
-                controller.state.owned_addresses.remove(&addr);
+    if options.cleanup_on_exit {
+        let owned: Vec<Ipv4Addr> = controller.state.owned_addresses.iter().copied().collect();
+        for addr in owned {
+            match controller.addresses.remove(addr).await {
+                Ok(()) => {
+                    controller.state.owned_addresses.remove(&addr);
+                }
+                Err(e) => tracing::warn!(%addr, error = %e, "could not remove VIP address"),
             }
-            Err(e) => tracing::warn!(%addr, error = %e, "could not remove VIP address"),
         }
+        controller.datapath.detach_all()?;
     }
     if let Err(e) = controller.persist() {
         tracing::warn!(error = %e, "could not save state on shutdown");
     }
-    controller.datapath.detach_all()?;
     let _ = std::fs::remove_file(&options.socket);
-    tracing::info!("stopped");
+    if options.cleanup_on_exit {
+        tracing::info!("stopped: program detached, pins and VIP addresses removed");
+    } else {
+        tracing::info!(
+            "stopped: the data path stays in place and keeps forwarding (--cleanup-on-exit or `lbaas-ctl detach` removes it)"
+        );
+    }
     Ok(())
 }

@@ -1,10 +1,16 @@
 //! The XDP program in the kernel: loading, attaching, and the map writer behind
 //! [`compile::Tables`](crate::compile::Tables).
 
+use std::path::{Path, PathBuf};
+
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use std::time::Duration;
 
@@ -50,6 +56,19 @@ pub enum DatapathError {
     /// A program operation failed.
     #[error("XDP program: {0}")]
     Program(Box<ProgramError>),
+    /// The pin directory is not on a bpf filesystem.
+    #[error(
+        "pin path {0} is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf, or give --pin-path)"
+    )]
+    NotBpffs(PathBuf),
+    /// Creating the pin directory or a pin failed.
+    #[error("pinning under {path}: {message}")]
+    Pin {
+        /// Where.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// Attaching to an interface failed in every mode.
     #[error("attaching XDP to {interface} failed (native: {native}; generic: {generic})")]
     Attach {
@@ -93,18 +112,59 @@ fn map_error(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
 }
 
 /// Options for loading the program.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Entries in each of the connection and reverse-NAT tables.
     pub conntrack_size: u32,
+    /// Directory on a bpf filesystem where the maps and XDP links are pinned, so that they
+    /// outlive the daemon: a restarted daemon reuses them and established flows keep going.
+    /// `None` keeps everything private to this process.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             conntrack_size: lbaas_common::DEFAULT_CONNTRACK_SIZE,
+            pin_dir: None,
         }
     }
+}
+
+/// `statfs` magic of the bpf filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Whether `dir` lies on a bpf filesystem.
+pub fn on_bpffs(dir: &Path) -> bool {
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the struct it is given.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statfs(path.as_ptr(), &mut st) }) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// The pin file of the XDP link on `interface`.
+fn link_pin(dir: &Path, interface: &str) -> PathBuf {
+    dir.join(format!("link_{interface}"))
+}
+
+/// Removes everything pinned under `dir`: the XDP links (which detaches the program once no
+/// process holds them) and the maps. Returns the names removed.
+pub fn unpin_all(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        std::fs::remove_file(entry.path())?;
+        removed.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    std::fs::remove_dir(dir)?;
+    Ok(removed)
 }
 
 /// How the program got attached to an interface.
@@ -114,6 +174,8 @@ pub enum AttachMode {
     Native,
     /// Generic XDP in the network stack (the driver has no native XDP).
     Generic,
+    /// Swapped into the link a previous daemon pinned (mode unchanged).
+    Replaced,
 }
 
 /// When the controller removes idle flows from the connection table.
@@ -151,6 +213,10 @@ pub struct Datapath {
     conntrack: HashMap<MapData, FlowKey, FlowState>,
     reverse: HashMap<MapData, FlowKey, ReverseNat>,
     links: Vec<XdpLinkId>,
+    /// Links pinned on bpffs (or taken over from pins): they stay attached without us.
+    pinned: Vec<(String, FdLink)>,
+    pin_dir: Option<PathBuf>,
+    reused_maps: bool,
 }
 
 /// Now on the clock `bpf_ktime_get_ns()` reads (CLOCK_MONOTONIC), in ns.
@@ -188,10 +254,26 @@ impl Datapath {
         if PROGRAM_OBJECT.is_empty() {
             return Err(DatapathError::NoProgram);
         }
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(MAP_CONNTRACK, options.conntrack_size)
-            .map_max_entries(MAP_REVERSE, options.conntrack_size)
-            .load(PROGRAM_OBJECT)?;
+            .map_max_entries(MAP_REVERSE, options.conntrack_size);
+        let mut reused_maps = false;
+        if let Some(dir) = &options.pin_dir {
+            std::fs::create_dir_all(dir).map_err(|e| DatapathError::Pin {
+                path: dir.clone(),
+                message: e.to_string(),
+            })?;
+            if !on_bpffs(dir) {
+                return Err(DatapathError::NotBpffs(dir.clone()));
+            }
+            // Maps already pinned there are reused, contents and all.
+            reused_maps = dir.join(MAP_VIPS).exists();
+            for name in lbaas_common::ALL_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(PROGRAM_OBJECT)?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or(ProgramError::NotLoaded)?
@@ -226,7 +308,64 @@ impl Datapath {
             ebpf,
             tables,
             links: Vec::new(),
+            pinned: Vec::new(),
+            pin_dir: options.pin_dir,
+            reused_maps,
         })
+    }
+
+    /// Whether the maps were taken over from pins a previous daemon left (with its flows).
+    pub fn reused_maps(&self) -> bool {
+        self.reused_maps
+    }
+
+    /// Removes every VIP entry (maps taken over without the state that describes them).
+    pub fn clear_vips(&mut self) -> Result<usize, DatapathError> {
+        let keys: Vec<VipKey> = self.tables.vips.keys().filter_map(Result::ok).collect();
+        for key in &keys {
+            self.tables.vips.remove(key).map_err(map_error(MAP_VIPS))?;
+        }
+        Ok(keys.len())
+    }
+
+    /// Attaches to an interface and pins the link, or, when a previous daemon's link is pinned
+    /// there, atomically swaps this program into it (the interface never goes without one).
+    pub fn attach_pinned(&mut self, interface: &str) -> Result<AttachMode, DatapathError> {
+        let Some(dir) = self.pin_dir.clone() else {
+            return self.attach(interface);
+        };
+        let pin = link_pin(&dir, interface);
+        let pin_error = |message: String| DatapathError::Pin {
+            path: pin.clone(),
+            message,
+        };
+        if pin.exists() {
+            let old = PinnedLink::from_pin(&pin).map_err(|e| pin_error(e.to_string()))?;
+            let link =
+                XdpLink::try_from(FdLink::from(old)).map_err(|e| pin_error(e.to_string()))?;
+            let program = self.program_mut()?;
+            let id = program.attach_to_link(link)?;
+            let fd =
+                FdLink::try_from(program.take_link(id)?).map_err(|e| pin_error(e.to_string()))?;
+            self.pinned.push((interface.to_string(), fd));
+            return Ok(AttachMode::Replaced);
+        }
+        let mode = self.attach(interface)?;
+        let id = self.links.pop().expect("attach recorded the link");
+        let link = self.program_mut()?.take_link(id)?;
+        match FdLink::try_from(link) {
+            Ok(fd) => {
+                let pinned = fd.pin(&pin).map_err(|e| pin_error(e.to_string()))?;
+                self.pinned
+                    .push((interface.to_string(), FdLink::from(pinned)));
+            }
+            Err(e) => {
+                // A netlink attachment (no bpf_link in this kernel) cannot be pinned.
+                tracing::warn!(%interface, error = %e, "XDP link cannot be pinned: a daemon restart will detach the program");
+                return Err(pin_error(e.to_string()));
+            }
+        }
+        Ok(mode)
     }
 
     /// Attaches to an interface, natively where the driver supports it, generically otherwise.
@@ -252,8 +391,16 @@ impl Datapath {
         }
     }
 
-    /// Detaches from every interface.
+    /// Detaches from every interface and removes every pin.
     pub fn detach_all(&mut self) -> Result<(), DatapathError> {
+        if let Some(dir) = &self.pin_dir {
+            unpin_all(dir).map_err(|e| DatapathError::Pin {
+                path: dir.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        // Dropping the last descriptor of an unpinned link detaches it.
+        self.pinned.clear();
         let links = std::mem::take(&mut self.links);
         let program = self.program_mut()?;
         for link in links {

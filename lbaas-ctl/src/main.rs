@@ -1,15 +1,19 @@
 //! `lbaas-ctl`: the lbaas daemon and its command-line client.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use lbaas_ctl::{
     api::{ApplyRequest, Client},
     compile::CompileOptions,
-    config, daemon,
+    config, daemon, datapath,
     datapath::{ExpiryPolicy, LoadOptions},
-    diff, maglev,
+    diff, maglev, net,
     render::{self, Format, Kind},
     status,
 };
@@ -54,6 +58,13 @@ enum Command {
         /// afresh).
         #[arg(long, default_value_t = 60)]
         udp_idle_timeout: u64,
+        /// Where maps and XDP links are pinned (a bpf filesystem) so that they outlive the
+        /// daemon (default: /sys/fs/bpf/lbaas/net-<network namespace id>).
+        #[arg(long)]
+        pin_path: Option<PathBuf>,
+        /// On SIGTERM/SIGINT, detach the program and remove pins and VIP addresses.
+        #[arg(long)]
+        cleanup_on_exit: bool,
         /// Seconds a removed member keeps serving its open flows at most (it gets no new ones).
         #[arg(long, default_value_t = 300)]
         member_drain_timeout: u64,
@@ -107,12 +118,88 @@ enum Command {
         /// Load balancer name.
         name: String,
     },
+    /// Remove a daemon's data path: detach the program, remove its pins and the VIP addresses
+    /// it added (the daemon should be stopped first).
+    Detach {
+        /// The daemon's state directory (names the pins and the addresses).
+        #[arg(long, default_value = "/var/lib/lbaas")]
+        state_dir: PathBuf,
+        /// The pin directory, if not the one the state file names.
+        #[arg(long)]
+        pin_path: Option<PathBuf>,
+    },
     /// Show data-path counters per listener.
     Stats {
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
     },
+}
+
+/// `/sys/fs/bpf/lbaas/net-<id>`: daemons in different network namespaces share bpffs, so the
+/// namespace's id keeps their pins apart. Mounts bpffs on /sys/fs/bpf if nothing is there.
+fn default_pin_dir() -> anyhow::Result<PathBuf> {
+    let ns = std::fs::read_link("/proc/self/ns/net").context("reading /proc/self/ns/net")?;
+    let id: String = ns
+        .to_string_lossy()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    let root = Path::new("/sys/fs/bpf");
+    if !datapath::on_bpffs(root) {
+        let (src, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
+        // SAFETY: mount(2) with valid NUL-terminated strings and no data.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        anyhow::ensure!(
+            rc == 0,
+            "no bpf filesystem on /sys/fs/bpf and mounting one failed ({}): give --pin-path",
+            std::io::Error::last_os_error()
+        );
+        if std::fs::read_link("/proc/self/ns/mnt").ok() != std::fs::read_link("/proc/1/ns/mnt").ok()
+        {
+            tracing::warn!(
+                "bpffs mounted on /sys/fs/bpf in a private mount namespace (ip netns exec?): its pins \
+                 vanish with this process; give --pin-path on a shared bpffs to keep flows across restarts"
+            );
+        }
+    }
+    Ok(root.join("lbaas").join(format!("net-{id}")))
+}
+
+async fn detach(state_dir: &Path, pin_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let state_file = state_dir.join(daemon::STATE_FILE);
+    let mut state = daemon::read_state(&state_file)?;
+    let pins = pin_path.or_else(|| state.pin_dir.clone());
+    match &pins {
+        Some(dir) => {
+            let removed = datapath::unpin_all(dir)
+                .with_context(|| format!("removing pins in {}", dir.display()))?;
+            println!(
+                "removed {} pin(s) in {} (program detached)",
+                removed.len(),
+                dir.display()
+            );
+        }
+        None => println!("no pin directory known (give --pin-path)"),
+    }
+    if !state.owned_addresses.is_empty() {
+        let addresses = net::VipAddresses::new(&state.interface)?;
+        for addr in std::mem::take(&mut state.owned_addresses) {
+            addresses.remove(addr).await?;
+            println!("removed VIP address {addr}/32 from {}", state.interface);
+        }
+        let bytes = serde_json::to_vec_pretty(&state)?;
+        daemon::write_atomic(&state_file, &bytes)?;
+    }
+    Ok(())
 }
 
 fn parse_prime(text: &str) -> Result<u32, String> {
@@ -164,6 +251,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             maglev_table_size,
             udp_idle_timeout,
             member_drain_timeout,
+            pin_path,
+            cleanup_on_exit,
             log_format,
         } => {
             init_logging(log_format);
@@ -172,7 +261,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 member_interface,
                 socket: cli.socket,
                 state_dir,
-                load: LoadOptions { conntrack_size },
+                load: LoadOptions {
+                    conntrack_size,
+                    pin_dir: Some(match pin_path {
+                        Some(path) => path,
+                        None => default_pin_dir()?,
+                    }),
+                },
+                cleanup_on_exit,
                 compile: CompileOptions { maglev_table_size },
                 expiry: ExpiryPolicy {
                     udp_idle: Duration::from_secs(udp_idle_timeout),
@@ -238,6 +334,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Detach {
+            state_dir,
+            pin_path,
+        } => detach(&state_dir, pin_path).await,
         Command::Delete { name } => {
             let response = client.delete(&name).await?;
             print_changes(&response.changes, "no changes");

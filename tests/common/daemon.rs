@@ -18,10 +18,15 @@ pub struct Daemon {
 }
 
 pub fn start_daemon(topo: &mut Topology, state_dir: &str) -> Daemon {
+    start_daemon_with(topo, state_dir, &[])
+}
+
+/// Starts the daemon with extra arguments (e.g. `--cleanup-on-exit`).
+pub fn start_daemon_with(topo: &mut Topology, state_dir: &str, extra: &[&str]) -> Daemon {
     let socket = topo.path("lbaas.sock");
     let state_dir = topo.path(state_dir);
     let _ = std::fs::remove_file(&socket);
-    let pid = topo.spawn_daemon(CTL, &socket, &state_dir);
+    let pid = topo.spawn_daemon(CTL, &socket, &state_dir, extra);
     let daemon = Daemon {
         pid,
         socket,

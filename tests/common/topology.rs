@@ -88,6 +88,7 @@ pub struct Topology {
     /// Scratch directory (socket, state, member pages); removed on drop.
     pub dir: PathBuf,
     children: Vec<Child>,
+    bpffs_mounted: bool,
 }
 
 impl Topology {
@@ -126,6 +127,7 @@ impl Topology {
             members,
             dir,
             children: Vec::new(),
+            bpffs_mounted: false,
         };
         // From here on, Drop cleans up whatever was created, even if a step panics.
         topo.build();
@@ -183,14 +185,35 @@ impl Topology {
         sh(&format!("ip netns exec {sw} ethtool -K p-lb gro on"));
     }
 
-    /// Starts `lbaas-ctl daemon` (binary `ctl`) in the LB namespace on the topology's two arms.
-    pub fn spawn_daemon(&mut self, ctl: &str, socket: &Path, state_dir: &Path) -> u32 {
+    /// A bpf filesystem of this topology's own (mounted on first use, unmounted on drop),
+    /// where the daemon pins its maps and links: shared with `ip netns exec`'s mount
+    /// namespaces, so the pins outlive a daemon, as on a real node's /sys/fs/bpf.
+    pub fn bpffs(&mut self) -> PathBuf {
+        let dir = self.dir.join("bpf");
+        if !self.bpffs_mounted {
+            std::fs::create_dir_all(&dir).expect("bpffs dir");
+            sh(&format!("mount -t bpf bpf {}", dir.display()));
+            self.bpffs_mounted = true;
+        }
+        dir
+    }
+
+    /// Starts `lbaas-ctl daemon` (binary `ctl`) in the LB namespace on the topology's two arms,
+    /// pinning on the topology's bpffs; `extra` arguments go after the daemon's.
+    pub fn spawn_daemon(
+        &mut self,
+        ctl: &str,
+        socket: &Path,
+        state_dir: &Path,
+        extra: &[&str],
+    ) -> u32 {
         let lb = self.lb();
+        let pins = self.bpffs().join("lbaas").display().to_string();
         let (socket, state_dir) = (
             socket.display().to_string(),
             state_dir.display().to_string(),
         );
-        let args = [
+        let mut args = vec![
             ctl,
             "--socket",
             &socket,
@@ -201,7 +224,10 @@ impl Topology {
             "mem0",
             "--state-dir",
             &state_dir,
+            "--pin-path",
+            &pins,
         ];
+        args.extend_from_slice(extra);
         self.spawn(&lb, &args, "daemon.log")
     }
 
@@ -437,6 +463,10 @@ impl Drop for Topology {
                 }
             }
             run_quiet(&["ip", "netns", "del", &ns]);
+        }
+        if self.bpffs_mounted {
+            // Unmounting drops the pins: the pinned links detach, the maps go.
+            run_quiet(&["umount", "-l", &self.dir.join("bpf").display().to_string()]);
         }
         if !std::thread::panicking() || std::env::var_os("LBAAS_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);

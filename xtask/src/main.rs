@@ -352,7 +352,7 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     let socket = topo.path("lbaas.sock");
     let state = topo.path("state");
     let (binary_s, socket_s) = (binary.display().to_string(), socket.display().to_string());
-    topo.spawn_daemon(&binary_s, &socket, &state);
+    topo.spawn_daemon(&binary_s, &socket, &state, &["--cleanup-on-exit"]);
     topology::wait_until(std::time::Duration::from_secs(20), "the daemon", || {
         ctl(&binary, &socket, &["get", "loadbalancers"]).is_ok()
     });

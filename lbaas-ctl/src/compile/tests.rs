@@ -507,3 +507,49 @@ fn backup_members_serve_only_when_every_other_member_is_unusable() {
         "all down: new connections refused"
     );
 }
+
+#[test]
+fn a_restored_programmer_takes_over_without_writing() {
+    let mut tables = MemoryTables::default();
+    let mut programmer = Programmer::new();
+    let c = config(
+        "[{address: 10.9.1.1, protocol_port: 8080, weight: 2}, {address: 10.9.1.2, protocol_port: 8080}]",
+    );
+    programmer.apply(&mut tables, &desired_default(&c)).unwrap();
+    let other = config(
+        "[{address: 10.9.1.2, protocol_port: 8080}, {address: 10.9.1.3, protocol_port: 8080}]",
+    );
+    programmer
+        .apply(&mut tables, &desired_default(&other))
+        .unwrap();
+    programmer.apply(&mut tables, &desired_default(&c)).unwrap();
+    let snapshot = programmer.snapshot();
+    let json = serde_json::to_string(&snapshot).unwrap();
+    let restored_snapshot: Snapshot = serde_json::from_str(&json).unwrap();
+    assert_eq!(restored_snapshot, snapshot);
+    let mut restored = Programmer::restore(&restored_snapshot, DEFAULT_DRAIN_TIMEOUT);
+    let before = tables.writes;
+    assert_eq!(
+        restored.apply(&mut tables, &desired_default(&c)).unwrap(),
+        ProgramSummary::default()
+    );
+    assert_eq!(
+        tables.writes, before,
+        "an unchanged configuration writes nothing"
+    );
+    assert_eq!(restored.snapshot(), snapshot);
+    // And it goes on allocating without clashing with what is live.
+    let more = config(
+        "[{address: 10.9.1.1, protocol_port: 8080}, {address: 10.9.1.4, protocol_port: 8080}]",
+    );
+    restored
+        .apply(&mut tables, &desired_default(&more))
+        .unwrap();
+    assert_eq!(tables.rotation(&web_key()), vec![ip(1), ip(4)]);
+    let ids: BTreeSet<u32> = restored.snapshot().members.iter().map(|m| m.1).collect();
+    assert_eq!(
+        ids.len(),
+        restored.snapshot().members.len(),
+        "ids are unique"
+    );
+}
