@@ -440,18 +440,29 @@ pub struct Snapshot {
     pub members: Vec<(MemberRef, u32, u32, u32, bool)>,
     /// Draining members: identity, id, generation, weight.
     pub retired: Vec<(MemberRef, u32, u32, u32)>,
-    /// Listeners: identity, id, VIP (address, port, protocol, all as in the map), flags,
-    /// algorithm, ring base, connection limit, and the ring region's member ids.
-    pub listeners: Vec<(
-        ListenerRef,
-        u32,
-        (u32, u16, u8),
-        u32,
-        u32,
-        u32,
-        u32,
-        Vec<u32>,
-    )>,
+    /// Listeners.
+    pub listeners: Vec<SnapshotListener>,
+}
+
+/// A listener in a [`Snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotListener {
+    /// Identity.
+    pub listener: ListenerRef,
+    /// Listener id.
+    pub id: u32,
+    /// VIP address, port and protocol as in the map.
+    pub vip: (u32, u16, u8),
+    /// `VIP_F_*`.
+    pub flags: u32,
+    /// `ALGO_*`.
+    pub algorithm: u32,
+    /// Ring region start.
+    pub ring_base: u32,
+    /// Connection limit.
+    pub conn_limit: u32,
+    /// The ring region's member ids.
+    pub schedule: Vec<u32>,
 }
 
 /// What an apply did to the tables, for logs.
@@ -539,17 +550,15 @@ impl Programmer {
             listeners: self
                 .listeners
                 .iter()
-                .map(|(l, live)| {
-                    (
-                        l.clone(),
-                        live.id,
-                        (live.vip.addr, live.vip.port, live.vip.proto),
-                        live.info.flags,
-                        live.info.algorithm,
-                        live.info.ring_base,
-                        live.info.conn_limit,
-                        live.schedule.clone(),
-                    )
+                .map(|(l, live)| SnapshotListener {
+                    listener: l.clone(),
+                    id: live.id,
+                    vip: (live.vip.addr, live.vip.port, live.vip.proto),
+                    flags: live.info.flags,
+                    algorithm: live.info.algorithm,
+                    ring_base: live.info.ring_base,
+                    conn_limit: live.info.conn_limit,
+                    schedule: live.schedule.clone(),
                 })
                 .collect(),
         }
@@ -591,37 +600,36 @@ impl Programmer {
         p.member_ids = IdPool::with_used(MAX_MEMBERS, &used_members);
         let mut used_listeners = BTreeSet::new();
         let mut ring = RingAllocator::new(RING_SLOTS);
-        for (l, id, (addr, port, proto), flags, algorithm, ring_base, conn_limit, schedule) in
-            &snapshot.listeners
-        {
-            let len = schedule.len() as u32;
+        for l in &snapshot.listeners {
+            let len = l.schedule.len() as u32;
             if len > 0 {
-                ring.take_at(*ring_base, len);
+                ring.take_at(l.ring_base, len);
             }
+            let (addr, port, proto) = l.vip;
             let vip = VipKey {
-                addr: *addr,
-                port: *port,
-                proto: *proto,
+                addr,
+                port,
+                proto,
                 _pad: 0,
             };
             let info = VipInfo {
-                listener_id: *id,
-                flags: *flags,
-                algorithm: *algorithm,
-                ring_base: *ring_base,
+                listener_id: l.id,
+                flags: l.flags,
+                algorithm: l.algorithm,
+                ring_base: l.ring_base,
                 ring_len: len,
-                conn_limit: *conn_limit,
+                conn_limit: l.conn_limit,
             };
             p.listeners.insert(
-                l.clone(),
+                l.listener.clone(),
                 LiveListener {
-                    id: *id,
+                    id: l.id,
                     vip,
                     info,
-                    schedule: schedule.clone(),
+                    schedule: l.schedule.clone(),
                 },
             );
-            used_listeners.insert(*id);
+            used_listeners.insert(l.id);
         }
         p.listener_ids = IdPool::with_used(MAX_LISTENERS, &used_listeners);
         p.ring = ring;
