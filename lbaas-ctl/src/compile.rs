@@ -282,6 +282,82 @@ pub trait Tables {
     fn reset_conn_counters(&mut self, slot: u32) -> Result<(), TableError>;
     /// Open flows of a member id (or `MAX_MEMBERS + listener id`) as the data path counts them.
     fn active_flows(&mut self, slot: u32) -> Result<u64, TableError>;
+    /// Reads a member slot (for undo).
+    fn get_member(&mut self, id: u32) -> Result<MemberInfo, TableError>;
+    /// Reads a VIP entry (for undo); `None` when absent.
+    fn get_vip(&mut self, key: VipKey) -> Result<Option<VipInfo>, TableError>;
+}
+
+/// One write to take back.
+#[derive(Debug, Clone, Copy)]
+enum Undo {
+    Member(u32, MemberInfo),
+    Vip(VipKey, Option<VipInfo>),
+}
+
+/// Records what every member and VIP write replaces, so a failed apply can be taken back.
+/// Ring writes need no undo (they go to regions nothing points at); counter resets concern
+/// ids nothing uses yet.
+struct UndoLog<'a> {
+    inner: &'a mut dyn Tables,
+    log: Vec<Undo>,
+}
+
+impl UndoLog<'_> {
+    /// Writes back what was replaced, newest first. Returns the first error, if any.
+    fn roll_back(mut self) -> Result<(), TableError> {
+        let mut first = Ok(());
+        while let Some(undo) = self.log.pop() {
+            let result = match undo {
+                Undo::Member(id, info) => self.inner.set_member(id, info),
+                Undo::Vip(key, Some(info)) => self.inner.set_vip(key, info),
+                Undo::Vip(key, None) => self.inner.remove_vip(key),
+            };
+            if first.is_ok() {
+                first = result;
+            }
+        }
+        first
+    }
+}
+
+impl Tables for UndoLog<'_> {
+    fn set_member(&mut self, id: u32, info: MemberInfo) -> Result<(), TableError> {
+        let old = self.inner.get_member(id)?;
+        self.inner.set_member(id, info)?;
+        self.log.push(Undo::Member(id, old));
+        Ok(())
+    }
+    fn set_ring(&mut self, base: u32, member_ids: &[u32]) -> Result<(), TableError> {
+        self.inner.set_ring(base, member_ids)
+    }
+    fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), TableError> {
+        let old = self.inner.get_vip(key)?;
+        self.inner.set_vip(key, info)?;
+        self.log.push(Undo::Vip(key, old));
+        Ok(())
+    }
+    fn remove_vip(&mut self, key: VipKey) -> Result<(), TableError> {
+        let old = self.inner.get_vip(key)?;
+        self.inner.remove_vip(key)?;
+        self.log.push(Undo::Vip(key, old));
+        Ok(())
+    }
+    fn reset_counter(&mut self, listener_id: u32) -> Result<(), TableError> {
+        self.inner.reset_counter(listener_id)
+    }
+    fn reset_conn_counters(&mut self, slot: u32) -> Result<(), TableError> {
+        self.inner.reset_conn_counters(slot)
+    }
+    fn active_flows(&mut self, slot: u32) -> Result<u64, TableError> {
+        self.inner.active_flows(slot)
+    }
+    fn get_member(&mut self, id: u32) -> Result<MemberInfo, TableError> {
+        self.inner.get_member(id)
+    }
+    fn get_vip(&mut self, key: VipKey) -> Result<Option<VipInfo>, TableError> {
+        self.inner.get_vip(key)
+    }
 }
 
 /// A failed table write or a exhausted table.
@@ -316,7 +392,7 @@ pub enum TableError {
 }
 
 /// Hands out small integer ids, lowest free first.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct IdPool {
     free: BTreeSet<u32>,
     next: u32,
@@ -358,7 +434,7 @@ impl IdPool {
 }
 
 /// First-fit allocator of ring regions, coalescing freed neighbours.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct RingAllocator {
     /// Free regions: start -> length.
     free: BTreeMap<u32, u32>,
@@ -493,7 +569,7 @@ struct Retired {
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Keeps the kernel tables in step with desired state.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Programmer {
     listener_ids: IdPool,
     member_ids: IdPool,
@@ -692,7 +768,34 @@ impl Programmer {
     }
 
     /// [`Programmer::apply`] at a given time (drain timeouts are measured from it).
+    ///
+    /// All or nothing: if a write fails half way (a full map, a kernel error), every member
+    /// and VIP entry already written is put back and the programmer forgets the attempt, so
+    /// the data path serves exactly the previous configuration.
     pub fn apply_at(
+        &mut self,
+        tables: &mut dyn Tables,
+        want: &DesiredTables,
+        now: Instant,
+    ) -> Result<ProgramSummary, TableError> {
+        let before = self.clone();
+        let mut undo = UndoLog {
+            inner: tables,
+            log: Vec::new(),
+        };
+        match self.apply_unlogged(&mut undo, want, now) {
+            Ok(summary) => Ok(summary),
+            Err(e) => {
+                *self = before;
+                if let Err(undo_error) = undo.roll_back() {
+                    tracing::error!(error = %undo_error, "rolling back a failed apply failed too");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn apply_unlogged(
         &mut self,
         tables: &mut dyn Tables,
         want: &DesiredTables,

@@ -598,6 +598,18 @@ impl Tables for KernelTables {
         self.active(slot).map_err(map_err(MAP_CONNS))
     }
 
+    fn get_member(&mut self, id: u32) -> Result<MemberInfo, TableError> {
+        self.members.get(&id, 0).map_err(map_err(MAP_MEMBERS))
+    }
+
+    fn get_vip(&mut self, key: VipKey) -> Result<Option<VipInfo>, TableError> {
+        match self.vips.get(&key, 0) {
+            Ok(info) => Ok(Some(info)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(MAP_VIPS)(e)),
+        }
+    }
+
     fn reset_conn_counters(&mut self, slot: u32) -> Result<(), TableError> {
         self.expired.set(slot, 0, 0).map_err(map_err(MAP_EXPIRED))?;
         self.conns

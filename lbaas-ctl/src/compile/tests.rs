@@ -90,6 +90,12 @@ impl Tables for MemoryTables {
     fn active_flows(&mut self, slot: u32) -> Result<u64, TableError> {
         Ok(self.active.get(&slot).copied().unwrap_or(0))
     }
+    fn get_member(&mut self, id: u32) -> Result<MemberInfo, TableError> {
+        Ok(self.members.get(&id).copied().unwrap_or_default())
+    }
+    fn get_vip(&mut self, key: VipKey) -> Result<Option<VipInfo>, TableError> {
+        Ok(self.vips.get(&key).copied())
+    }
 }
 
 fn config(members: &str) -> Config {
@@ -552,4 +558,147 @@ fn a_restored_programmer_takes_over_without_writing() {
         restored.snapshot().members.len(),
         "ids are unique"
     );
+}
+
+/// Memory tables whose `fail_at`-th write fails (counting every kind of write).
+struct FailingTables {
+    inner: MemoryTables,
+    writes: usize,
+    fail_at: usize,
+}
+
+impl FailingTables {
+    fn write(&mut self) -> Result<(), TableError> {
+        self.writes += 1;
+        if self.writes == self.fail_at {
+            return Err(TableError::Map {
+                map: "TEST",
+                message: format!("injected failure at write {}", self.writes),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Tables for FailingTables {
+    fn set_member(&mut self, id: u32, info: MemberInfo) -> Result<(), TableError> {
+        self.write()?;
+        self.inner.set_member(id, info)
+    }
+    fn set_ring(&mut self, base: u32, ids: &[u32]) -> Result<(), TableError> {
+        self.write()?;
+        self.inner.set_ring(base, ids)
+    }
+    fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), TableError> {
+        self.write()?;
+        self.inner.set_vip(key, info)
+    }
+    fn remove_vip(&mut self, key: VipKey) -> Result<(), TableError> {
+        self.write()?;
+        self.inner.remove_vip(key)
+    }
+    fn reset_counter(&mut self, id: u32) -> Result<(), TableError> {
+        self.write()?;
+        self.inner.reset_counter(id)
+    }
+    fn reset_conn_counters(&mut self, slot: u32) -> Result<(), TableError> {
+        self.write()?;
+        self.inner.reset_conn_counters(slot)
+    }
+    fn active_flows(&mut self, slot: u32) -> Result<u64, TableError> {
+        self.inner.active_flows(slot)
+    }
+    fn get_member(&mut self, id: u32) -> Result<MemberInfo, TableError> {
+        self.inner.get_member(id)
+    }
+    fn get_vip(&mut self, key: VipKey) -> Result<Option<VipInfo>, TableError> {
+        self.inner.get_vip(key)
+    }
+}
+
+/// Every VIP with the members its region names.
+type VisibleVips = Vec<(VipKey, VipInfo, Vec<(Ipv4Addr, u16)>)>;
+
+/// What the data path can see: every VIP with the members its region names, and every live
+/// member slot.
+fn visible(t: &MemoryTables) -> (VisibleVips, Vec<(u32, MemberInfo)>) {
+    let mut vips: Vec<_> = t
+        .vips
+        .iter()
+        .map(|(k, v)| (*k, *v, t.rotation(k)))
+        .collect();
+    vips.sort_by_key(|v| (v.0.addr, v.0.port, v.0.proto));
+    let mut members: Vec<_> = t
+        .members
+        .iter()
+        .filter(|(_, m)| m.addr != 0)
+        .map(|(id, m)| (*id, *m))
+        .collect();
+    members.sort_by_key(|m| m.0);
+    (vips, members)
+}
+
+#[test]
+fn a_failed_apply_is_rolled_back_whatever_write_fails() {
+    let two_listeners = |members: &str, port2: u16| {
+        config::load_str(&format!(
+            "loadbalancers:\n  - name: lb\n    vip_address: 10.9.0.1\n    listeners:\n      - {{name: web, protocol: TCP, protocol_port: 80, default_pool: p}}\n      - {{name: alt, protocol: TCP, protocol_port: {port2}, default_pool: p}}\n    pools:\n      - {{name: p, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: {members}}}\n"
+        ), "t").unwrap()
+    };
+    let a = two_listeners(
+        "[{address: 10.9.1.1, protocol_port: 8080}, {address: 10.9.1.2, protocol_port: 8080}]",
+        81,
+    );
+    let b = two_listeners(
+        "[{address: 10.9.1.2, protocol_port: 8080, weight: 3}, {address: 10.9.1.3, protocol_port: 8080}]",
+        82,
+    );
+    // How many writes the change takes when nothing fails.
+    let mut probe = FailingTables {
+        inner: MemoryTables::default(),
+        writes: 0,
+        fail_at: 0,
+    };
+    let mut p = Programmer::new();
+    p.apply(&mut probe, &desired_default(&a)).unwrap();
+    let writes_before = probe.writes;
+    p.apply(&mut probe, &desired_default(&b)).unwrap();
+    let change = probe.writes - writes_before;
+    assert!(
+        change > 5,
+        "the change should take several writes, took {change}"
+    );
+    for k in 1..=change {
+        let mut tables = FailingTables {
+            inner: MemoryTables::default(),
+            writes: 0,
+            fail_at: 0,
+        };
+        let mut programmer = Programmer::new();
+        programmer.apply(&mut tables, &desired_default(&a)).unwrap();
+        let seen = visible(&tables.inner);
+        let snapshot = programmer.snapshot();
+        tables.fail_at = tables.writes + k;
+        let err = programmer
+            .apply(&mut tables, &desired_default(&b))
+            .unwrap_err();
+        assert!(err.to_string().contains("injected failure"), "{err}");
+        assert_eq!(
+            visible(&tables.inner),
+            seen,
+            "failure at write {k} of {change}: tables not restored"
+        );
+        assert_eq!(
+            programmer.snapshot(),
+            snapshot,
+            "failure at write {k}: programmer not restored"
+        );
+        // And the same change then goes through.
+        tables.fail_at = 0;
+        programmer.apply(&mut tables, &desired_default(&b)).unwrap();
+        assert_eq!(
+            tables.inner.rotation(&web_key()),
+            vec![ip(2), ip(2), ip(3), ip(2)]
+        );
+    }
 }
