@@ -1034,14 +1034,30 @@ fn is_vip_flow(frame: &[u8]) -> bool {
 fn fuzzed_frames_are_never_aborted_or_misforwarded() {
     let ns = NetNs::enter();
     let lb = Lb::new(TWO_MEMBERS);
-    let frames: u64 = std::env::var("LBAAS_FUZZ_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let frames: u64 = std::env::var("LBAAS_FUZZ_FRAMES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
     let seed = 0x6c62_6161_7366_757a;
     let mut rng = Rng(seed);
     let templates = [
         to_vip(40000).build(),
-        Frame { vlan: Some(5), ..to_vip(40001) }.build(),
-        Frame { src_mac: CLIENT_MAC, dst_mac: LAN_MAC, ..Frame::udp((CLIENT, 33000), (VIP, 53), b"query") }.build(),
-        Frame { dst: Ipv4Addr::new(10, 1, 0, 1), ..to_vip(40002) }.build(),
+        Frame {
+            vlan: Some(5),
+            ..to_vip(40001)
+        }
+        .build(),
+        Frame {
+            src_mac: CLIENT_MAC,
+            dst_mac: LAN_MAC,
+            ..Frame::udp((CLIENT, 33000), (VIP, 53), b"query")
+        }
+        .build(),
+        Frame {
+            dst: Ipv4Addr::new(10, 1, 0, 1),
+            ..to_vip(40002)
+        }
+        .build(),
     ];
     let (mut rewritten, mut passed) = (0u64, 0u64);
     for n in 0..frames {
@@ -1083,9 +1099,19 @@ fn fuzzed_frames_are_never_aborted_or_misforwarded() {
             }
         }
         let (action, out) = lb.run(&frame, ns.lan);
-        assert_ne!(action, 0, "XDP_ABORTED on frame {n} (seed {seed:#x}):\n{}", hex(&frame));
+        assert_ne!(
+            action,
+            0,
+            "XDP_ABORTED on frame {n} (seed {seed:#x}):\n{}",
+            hex(&frame)
+        );
         if out != frame {
-            assert!(is_vip_flow(&frame), "frame {n} (seed {seed:#x}) was rewritten but is no listener's flow:\n{}\nout:\n{}", hex(&frame), hex(&out));
+            assert!(
+                is_vip_flow(&frame),
+                "frame {n} (seed {seed:#x}) was rewritten but is no listener's flow:\n{}\nout:\n{}",
+                hex(&frame),
+                hex(&out)
+            );
             rewritten += 1;
         } else {
             passed += 1;
@@ -1093,5 +1119,10 @@ fn fuzzed_frames_are_never_aborted_or_misforwarded() {
     }
     let counted: u64 = lb.stats().iter().sum();
     println!("{frames} fuzzed frames: {rewritten} forwarded as listener flows, {passed} untouched");
-    assert_eq!(counted, frames, "every frame counted exactly once: {:?}", lb.stats());
+    assert_eq!(
+        counted,
+        frames,
+        "every frame counted exactly once: {:?}",
+        lb.stats()
+    );
 }

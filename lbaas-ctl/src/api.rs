@@ -183,15 +183,17 @@ async fn route<H: Handler>(handler: Arc<H>, request: Request<Incoming>) -> Respo
     result.unwrap_or_else(error_response)
 }
 
+/// Largest request body the API reads (a YAML file of thousands of members fits easily).
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
 async fn read_json<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T, ApiError> {
-    let body = request
-        .into_body()
+    let body = http_body_util::Limited::new(request.into_body(), MAX_BODY_BYTES)
         .collect()
         .await
         .map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
-                format!("reading request body: {e}"),
+                format!("reading request body (at most {MAX_BODY_BYTES} bytes): {e}"),
             )
         })?
         .to_bytes();
@@ -346,5 +348,77 @@ impl Client {
     /// The Octavia status trees.
     pub async fn status(&self) -> Result<StatusResponse, ClientError> {
         self.call(Method::GET, "/v1/status", None).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nothing;
+
+    impl Handler for Nothing {
+        async fn config(&self) -> Config {
+            Config::default()
+        }
+        async fn apply(&self, _r: ApplyRequest, _prune: bool) -> Result<ApplyResponse, ApiError> {
+            Ok(ApplyResponse::default())
+        }
+        async fn delete(&self, name: String) -> Result<ApplyResponse, ApiError> {
+            Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no load balancer named {name:?}"),
+            ))
+        }
+        async fn stats(&self) -> Result<StatsResponse, ApiError> {
+            Ok(StatsResponse::default())
+        }
+        async fn status(&self) -> StatusResponse {
+            StatusResponse::default()
+        }
+    }
+
+    async fn raw(socket: &Path, request: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = UnixStream::connect(socket).await.unwrap();
+        // The server may answer (and close) before it has read a huge body.
+        let _ = stream.write_all(request).await;
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test]
+    async fn malformed_and_oversized_bodies_get_400_and_the_client_reports_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        tokio::spawn(serve(listener, Arc::new(Nothing)));
+
+        let bad_json = b"POST /v1/apply HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\nConnection: close\r\n\r\n{\"yaml\": ";
+        let answer = raw(&socket, bad_json).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("request body"), "{answer}");
+
+        let size = MAX_BODY_BYTES + 1;
+        let mut huge = format!("POST /v1/apply HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n").into_bytes();
+        huge.extend(std::iter::repeat_n(b' ', size));
+        let answer = raw(&socket, &huge).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "{}",
+            &answer[..answer.len().min(200)]
+        );
+
+        let client = Client::new(&socket);
+        let err = client.delete("nope").await.unwrap_err();
+        assert_eq!(err.to_string(), "no load balancer named \"nope\"");
+        let answer = raw(
+            &socket,
+            b"GET /v2/nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+        assert!(client.config().await.unwrap().loadbalancers.is_empty());
     }
 }
