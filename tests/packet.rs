@@ -167,8 +167,17 @@ impl Lb {
 
     /// The program with a whole YAML file applied.
     fn from_yaml(text: &str) -> Self {
+        Self::from_yaml_sized(text, LoadOptions::default().conntrack_size)
+    }
+
+    /// The same with a connection table of `conntrack_size` entries.
+    fn from_yaml_sized(text: &str, conntrack_size: u32) -> Self {
+        let options = LoadOptions {
+            conntrack_size,
+            ..LoadOptions::default()
+        };
         let mut lb = Lb {
-            datapath: Datapath::load(LoadOptions::default()).expect("load XDP program"),
+            datapath: Datapath::load(options).expect("load XDP program"),
             programmer: Programmer::new(),
         };
         lb.apply_yaml(text);
@@ -309,6 +318,9 @@ fn a_removed_member_finishes_its_flows_and_gets_no_new_ones() {
     let mut lb = Lb::new(TWO_MEMBERS);
     let syn = to_vip(40000);
     assert_eq!(lb.run(&syn.build(), ns.lan).1, dnat(&syn, M1, M1_MAC, 8080));
+    let mut established = to_vip(40000);
+    established.tcp_flags = 0x10;
+    lb.run(&established.build(), ns.lan);
     lb.apply("[{address: 10.2.0.12, protocol_port: 8080}]");
     let mut ack = to_vip(40000);
     ack.tcp_flags = 0x10;
@@ -320,7 +332,7 @@ fn a_removed_member_finishes_its_flows_and_gets_no_new_ones() {
     );
     for p in 0..3 {
         assert_eq!(
-            forwarded_to(&lb, &to_vip(41000 + p), ns.lan),
+            establish(&lb, 41000 + p, ns.lan),
             M2,
             "new flows avoid the removed member"
         );
@@ -344,6 +356,9 @@ fn a_flow_whose_member_drain_timed_out_is_rescheduled() {
     let mut lb = Lb::new(TWO_MEMBERS);
     let syn = to_vip(40000);
     assert_eq!(lb.run(&syn.build(), ns.lan).1, dnat(&syn, M1, M1_MAC, 8080));
+    let mut established = to_vip(40000);
+    established.tcp_flags = 0x10;
+    lb.run(&established.build(), ns.lan);
     lb.apply("[{address: 10.2.0.12, protocol_port: 8080}]");
     let late = Instant::now() + DEFAULT_DRAIN_TIMEOUT;
     assert_eq!(
@@ -631,6 +646,20 @@ fn forwarded_to(lb: &Lb, frame: &Frame, ifindex: u32) -> Ipv4Addr {
     Ipv4Addr::new(out[30], out[31], out[32], out[33])
 }
 
+/// Opens a TCP flow (SYN, then the client's ACK that moves it from the half-open table to the
+/// connection table, where it counts as open); returns its member.
+fn establish(lb: &Lb, sport: u16, ifindex: u32) -> Ipv4Addr {
+    let member = forwarded_to(lb, &to_vip(sport), ifindex);
+    let mut ack = to_vip(sport);
+    ack.tcp_flags = 0x10;
+    assert_eq!(
+        forwarded_to(lb, &ack, ifindex),
+        member,
+        "the ACK follows the SYN"
+    );
+    member
+}
+
 fn counts(
     addrs: impl IntoIterator<Item = Ipv4Addr>,
 ) -> std::collections::BTreeMap<Ipv4Addr, usize> {
@@ -648,7 +677,7 @@ fn source_ip_keeps_a_client_on_one_member_and_spreads_clients() {
     let ns = NetNs::enter();
     let lb = Lb::from_yaml(&pool_yaml("lb_algorithm: SOURCE_IP", "", &ALL));
     // One client, many source ports: one member.
-    let chosen = counts((0..64).map(|p| forwarded_to(&lb, &to_vip(30000 + p), ns.lan)));
+    let chosen = counts((0..64).map(|p| establish(&lb, 30000 + p, ns.lan)));
     assert_eq!(
         chosen.len(),
         1,
@@ -673,7 +702,7 @@ fn source_ip_keeps_a_client_on_one_member_and_spreads_clients() {
     );
     // The member is the one the shared hash and the controller's Maglev table name: the same
     // on every LB node.
-    let again = forwarded_to(&lb, &to_vip(50000), ns.lan);
+    let again = establish(&lb, 50000, ns.lan);
     assert_eq!(Some(&again), chosen.keys().next());
 }
 
@@ -685,7 +714,7 @@ fn source_ip_persistence_makes_any_pool_sticky() {
         "",
         &ALL,
     ));
-    let chosen = counts((0..16).map(|p| forwarded_to(&lb, &to_vip(30000 + p), ns.lan)));
+    let chosen = counts((0..16).map(|p| establish(&lb, 30000 + p, ns.lan)));
     assert_eq!(chosen.len(), 1, "{chosen:?}");
 }
 
@@ -693,14 +722,14 @@ fn source_ip_persistence_makes_any_pool_sticky() {
 fn source_ip_port_spreads_the_ports_of_one_client() {
     let ns = NetNs::enter();
     let lb = Lb::from_yaml(&pool_yaml("lb_algorithm: SOURCE_IP_PORT", "", &ALL));
-    let spread = counts((0..1024).map(|p| forwarded_to(&lb, &to_vip(20000 + p), ns.lan)));
+    let spread = counts((0..1024).map(|p| establish(&lb, 20000 + p, ns.lan)));
     assert_eq!(spread.len(), 4, "{spread:?}");
     assert!(
         spread.values().all(|n| *n as f64 <= 1.25 * 256.0),
         "{spread:?}"
     );
     // A flow's later packets stay put, whatever the hash of a retransmission.
-    let first = forwarded_to(&lb, &to_vip(20000), ns.lan);
+    let first = establish(&lb, 20000, ns.lan);
     let mut ack = to_vip(20000);
     ack.tcp_flags = 0x10;
     assert_eq!(forwarded_to(&lb, &ack, ns.lan), first);
@@ -710,13 +739,13 @@ fn source_ip_port_spreads_the_ports_of_one_client() {
 fn least_connections_picks_the_member_with_fewer_open_flows() {
     let ns = NetNs::enter();
     let lb = Lb::from_yaml(&pool_yaml("lb_algorithm: LEAST_CONNECTIONS", "", &[M1, M2]));
-    let a = forwarded_to(&lb, &to_vip(40000), ns.lan);
-    let b = forwarded_to(&lb, &to_vip(40001), ns.lan);
+    let a = establish(&lb, 40000, ns.lan);
+    let b = establish(&lb, 40001, ns.lan);
     assert_ne!(
         a, b,
         "a tie is broken by rotation, and the second flow finds one member busier"
     );
-    let c = forwarded_to(&lb, &to_vip(40002), ns.lan);
+    let c = establish(&lb, 40002, ns.lan);
     // Now one member has two open flows and the other one: close one of the busy member's.
     let busy = c;
     let busy_flow = if a == busy { 40000 } else { 40001 };
@@ -732,9 +761,9 @@ fn least_connections_picks_the_member_with_fewer_open_flows() {
     rst.dst_mac = MEM_MAC;
     assert_eq!(lb.run(&rst.build(), ns.mem).0, XDP_REDIRECT);
     // Busy member: 1 open; idle member: 0 open. Every new flow goes to the idle one until even.
-    assert_eq!(forwarded_to(&lb, &to_vip(40010), ns.lan), idle);
-    let d = forwarded_to(&lb, &to_vip(40011), ns.lan);
-    let e = forwarded_to(&lb, &to_vip(40012), ns.lan);
+    assert_eq!(establish(&lb, 40010, ns.lan), idle);
+    let d = establish(&lb, 40011, ns.lan);
+    let e = establish(&lb, 40012, ns.lan);
     assert_ne!(d, e, "at one open flow each, the next two go one to each");
     assert_eq!(
         lb.datapath.active_flows(lbaas_common::MAX_MEMBERS).unwrap(),
@@ -752,7 +781,7 @@ fn weighted_least_connections_loads_by_weight() {
         1,
     );
     let lb = Lb::from_yaml(&yaml);
-    let picked = counts((0..40).map(|p| forwarded_to(&lb, &to_vip(41000 + p), ns.lan)));
+    let picked = counts((0..40).map(|p| establish(&lb, 41000 + p, ns.lan)));
     assert_eq!(picked[&M1], 30, "{picked:?}");
     assert_eq!(picked[&M2], 10, "{picked:?}");
 }
@@ -761,7 +790,7 @@ fn weighted_least_connections_loads_by_weight() {
 fn a_drained_least_connections_member_keeps_its_flow_but_gets_no_syn() {
     let ns = NetNs::enter();
     let mut lb = Lb::from_yaml(&pool_yaml("lb_algorithm: LEAST_CONNECTIONS", "", &[M1, M2]));
-    let first = forwarded_to(&lb, &to_vip(40000), ns.lan);
+    let first = establish(&lb, 40000, ns.lan);
     let other = if first == M1 { M2 } else { M1 };
     let drained = pool_yaml("lb_algorithm: LEAST_CONNECTIONS", "", &[M1, M2]).replace(
         &format!("{{address: {first}, protocol_port: 8080}}"),
@@ -776,7 +805,7 @@ fn a_drained_least_connections_member_keeps_its_flow_but_gets_no_syn() {
         "established flow stays"
     );
     for p in 0..5 {
-        assert_eq!(forwarded_to(&lb, &to_vip(42000 + p), ns.lan), other);
+        assert_eq!(establish(&lb, 42000 + p, ns.lan), other);
     }
 }
 
@@ -810,8 +839,8 @@ fn the_connection_limit_refuses_the_next_syn_with_a_reset() {
         ", connection_limit: 2",
         &[M1, M2],
     ));
-    forwarded_to(&lb, &to_vip(40000), ns.lan);
-    forwarded_to(&lb, &to_vip(40001), ns.lan);
+    establish(&lb, 40000, ns.lan);
+    establish(&lb, 40001, ns.lan);
     // The third concurrent connection: a RST back to the client, out of the link it came in by.
     let mut third = to_vip(40002);
     third.payload = b"syn-with-data".to_vec();
@@ -830,7 +859,7 @@ fn the_connection_limit_refuses_the_next_syn_with_a_reset() {
     let mut fin = to_vip(40001);
     fin.tcp_flags = 0x11;
     forwarded_to(&lb, &fin, ns.lan);
-    forwarded_to(&lb, &to_vip(40003), ns.lan);
+    establish(&lb, 40003, ns.lan);
     let stats = lb.datapath.listener_stats(0).unwrap();
     assert_eq!((stats.new_flows, stats.refused), (3, 1));
 }
@@ -877,7 +906,7 @@ fn idle_udp_flows_expire_and_are_balanced_afresh() {
     let dns_listener = lbaas_common::MAX_MEMBERS + lb.programmer.listener_id(&dns).unwrap();
     assert_eq!(lb.datapath.active_flows(dns_listener).unwrap(), 1);
     // A TCP flow, however idle, is never expired by the sweep.
-    forwarded_to(&lb, &to_vip(40000), ns.lan);
+    establish(&lb, 40000, ns.lan);
     let policy = ExpiryPolicy {
         udp_idle: Duration::from_secs(30),
         closed_linger: Duration::from_secs(10),
@@ -901,7 +930,7 @@ fn idle_udp_flows_expire_and_are_balanced_afresh() {
 fn a_closed_flow_reopened_by_a_new_syn_is_balanced_afresh() {
     let ns = NetNs::enter();
     let lb = Lb::new(TWO_MEMBERS);
-    let first = forwarded_to(&lb, &to_vip(40000), ns.lan);
+    let first = establish(&lb, 40000, ns.lan);
     let mut rst = to_vip(40000);
     rst.tcp_flags = 0x04;
     assert_eq!(
@@ -909,7 +938,7 @@ fn a_closed_flow_reopened_by_a_new_syn_is_balanced_afresh() {
         first,
         "the RST itself follows the flow"
     );
-    assert_ne!(forwarded_to(&lb, &to_vip(40000), ns.lan), first);
+    assert_ne!(establish(&lb, 40000, ns.lan), first);
 }
 
 /// Least connections under concurrent new flows on both CPUs: the choice reads the counters
@@ -947,6 +976,11 @@ fn least_connections_stays_balanced_under_concurrent_new_flows() {
                         ..to_vip(10000 + i)
                     };
                     assert_eq!(lb.run(&syn.build(), lan).0, XDP_REDIRECT);
+                    let ack = Frame {
+                        tcp_flags: 0x10,
+                        ..syn
+                    };
+                    assert_eq!(lb.run(&ack.build(), lan).0, XDP_REDIRECT);
                 }
             })
         })
@@ -1125,4 +1159,75 @@ fn fuzzed_frames_are_never_aborted_or_misforwarded() {
         "every frame counted exactly once: {:?}",
         lb.stats()
     );
+}
+
+/// A spoofed-source SYN flood of ten times the connection table's size evicts no established
+/// flow, whatever the algorithm: half-open flows live in their own LRU until the client's ACK.
+#[test]
+fn a_syn_flood_does_not_evict_established_flows() {
+    let ns = NetNs::enter();
+    const TABLE: u32 = 1024;
+    for algorithm in [
+        "ROUND_ROBIN",
+        "LEAST_CONNECTIONS",
+        "SOURCE_IP",
+        "SOURCE_IP_PORT",
+    ] {
+        let lb = Lb::from_yaml_sized(
+            &pool_yaml(&format!("lb_algorithm: {algorithm}"), "", &ALL),
+            TABLE,
+        );
+        let clients: Vec<(Ipv4Addr, u16)> = (0..50u16)
+            .map(|i| (Ipv4Addr::new(10, 1, 2, 1 + (i % 200) as u8), 30000 + i))
+            .collect();
+        let pinned: Vec<Ipv4Addr> = clients
+            .iter()
+            .map(|(src, sport)| {
+                let syn = Frame {
+                    src: *src,
+                    ..to_vip(*sport)
+                };
+                let member = forwarded_to(&lb, &syn, ns.lan);
+                assert_eq!(
+                    forwarded_to(
+                        &lb,
+                        &Frame {
+                            tcp_flags: 0x10,
+                            ..syn
+                        },
+                        ns.lan
+                    ),
+                    member
+                );
+                member
+            })
+            .collect();
+        let mut rng = Rng(0x5eed ^ u64::from(TABLE));
+        for _ in 0..TABLE * 10 {
+            let src = Ipv4Addr::from(0x0b00_0000 | (rng.next() as u32 & 0x00ff_ffff));
+            let syn = Frame {
+                src,
+                ..to_vip(1024 + rng.below(60000) as u16)
+            };
+            lb.run(&syn.build(), ns.lan);
+        }
+        assert_eq!(
+            lb.datapath.flow_count(),
+            clients.len(),
+            "{algorithm}: established flows survive"
+        );
+        for ((src, sport), member) in clients.iter().zip(&pinned) {
+            let data = Frame {
+                src: *src,
+                tcp_flags: 0x18,
+                payload: b"data".to_vec(),
+                ..to_vip(*sport)
+            };
+            assert_eq!(
+                forwarded_to(&lb, &data, ns.lan),
+                *member,
+                "{algorithm}: flow {src}:{sport} moved"
+            );
+        }
+    }
 }

@@ -26,6 +26,12 @@ pub const MAP_RR: &str = "LB_RR";
 pub const MAP_CONNTRACK: &str = "LB_CT";
 /// Name of the reverse-NAT table: member-side [`FlowKey`] -> [`ReverseNat`] (LRU).
 pub const MAP_REVERSE: &str = "LB_CT_REV";
+/// Name of the half-open table: TCP flows seen only with a SYN (or one packet) so far, in an
+/// LRU of their own so that a SYN flood evicts only other half-open flows, never established
+/// ones. Promoted to [`MAP_CONNTRACK`] on the client's next packet.
+pub const MAP_HALF_OPEN: &str = "LB_CT_SYN";
+/// Name of the half-open flows' reverse-NAT table (SYN-ACKs from members).
+pub const MAP_HALF_OPEN_REVERSE: &str = "LB_CT_SYN_REV";
 /// Name of the open/closed flow counters: member id, or `MAX_MEMBERS + listener id` ->
 /// [`FlowCounters`], updated atomically by the data path.
 pub const MAP_CONNS: &str = "LB_CONNS";
@@ -38,13 +44,15 @@ pub const MAP_LISTENER_STATS: &str = "LB_LSTATS";
 pub const MAP_GLOBAL_STATS: &str = "LB_GSTATS";
 
 /// Every map, e.g. to pin them all.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_VIPS,
     MAP_MEMBERS,
     MAP_RING,
     MAP_RR,
     MAP_CONNTRACK,
     MAP_REVERSE,
+    MAP_HALF_OPEN,
+    MAP_HALF_OPEN_REVERSE,
     MAP_CONNS,
     MAP_EXPIRED,
     MAP_LISTENER_STATS,

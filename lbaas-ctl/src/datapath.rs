@@ -257,7 +257,9 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(MAP_CONNTRACK, options.conntrack_size)
-            .map_max_entries(MAP_REVERSE, options.conntrack_size);
+            .map_max_entries(MAP_REVERSE, options.conntrack_size)
+            .map_max_entries(lbaas_common::MAP_HALF_OPEN, options.conntrack_size)
+            .map_max_entries(lbaas_common::MAP_HALF_OPEN_REVERSE, options.conntrack_size);
         let mut reused_maps = false;
         if let Some(dir) = &options.pin_dir {
             std::fs::create_dir_all(dir).map_err(|e| DatapathError::Pin {

@@ -5,13 +5,15 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg};
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use lbaas_common::{
     ALGO_LEAST_CONNECTIONS, ALGO_MAGLEV_5TUPLE, ALGO_MAGLEV_SOURCE, FLOW_CLOSED, FlowKey,
-    FlowState, MAX_LEAST_CONN_MEMBERS, MemberInfo, ReverseNat, STAT_DROP_NO_MEMBER, STAT_PASS_L7,
-    VIP_F_L7_PASS, VipInfo, hash_5tuple, hash_source,
+    FlowState, IPPROTO_TCP, MAX_LEAST_CONN_MEMBERS, MemberInfo, ReverseNat, STAT_DROP_NO_MEMBER,
+    STAT_PASS_L7, VIP_F_L7_PASS, VipInfo, hash_5tuple, hash_source,
 };
 
 use crate::{
     egress::{self, Rewrite},
-    maps::{self, Direction, LB_CT, LB_CT_REV, LB_MEMBERS, LB_RING, LB_RR},
+    maps::{
+        self, Direction, LB_CT, LB_CT_REV, LB_CT_SYN, LB_CT_SYN_REV, LB_MEMBERS, LB_RING, LB_RR,
+    },
     parse::Packet,
     refuse,
 };
@@ -28,7 +30,11 @@ pub fn to_member(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<u32, (
         return Ok(xdp_action::XDP_PASS);
     }
     let flow = pkt.flow_key();
-    let (member, new_flow) = match established_member(&flow, pkt) {
+    let known = match established_member(&flow, pkt) {
+        Some(member) => Some(member),
+        None => half_open_member(&flow, pkt, vip),
+    };
+    let (member, new_flow) = match known {
         Some(member) => (member, false),
         None => {
             if vip.conn_limit != 0
@@ -111,6 +117,8 @@ fn established_member(flow: &FlowKey, pkt: &Packet) -> Option<MemberInfo> {
         return None;
     }
     if flags & FLOW_CLOSED != 0 && pkt.is_syn() {
+        // The client reuses the ports of a finished connection: the new one starts afresh.
+        let _ = LB_CT.remove(flow);
         return None;
     }
     if pkt.is_close() {
@@ -123,6 +131,64 @@ fn established_member(flow: &FlowKey, pkt: &Packet) -> Option<MemberInfo> {
         unsafe { (*state).last_seen_ns = now };
     }
     Some(*member)
+}
+
+/// A half-open TCP flow's member: a retransmitted SYN goes where the first went; any other
+/// packet promotes the flow to the connection table (the handshake went through), where it
+/// starts counting as open.
+#[inline(always)]
+fn half_open_member(flow: &FlowKey, pkt: &Packet, vip: &VipInfo) -> Option<MemberInfo> {
+    if pkt.proto != IPPROTO_TCP {
+        return None;
+    }
+    // SAFETY: read-only copy of an entry written whole.
+    let state = unsafe { LB_CT_SYN.get(flow) }.copied()?;
+    let member = *LB_MEMBERS.get(state.member_id)?;
+    if member.addr == 0 || member.generation != state.member_generation {
+        let _ = LB_CT_SYN.remove(flow);
+        return None;
+    }
+    if pkt.is_syn() {
+        return Some(member);
+    }
+    let reply = reply_key(&member, pkt);
+    let nat = reverse_nat(pkt, vip);
+    LB_CT_REV.insert(reply, nat, 0).ok()?;
+    LB_CT.insert(flow, state, 0).ok()?;
+    let _ = LB_CT_SYN_REV.remove(reply);
+    let _ = LB_CT_SYN.remove(flow);
+    maps::count_flow(state.member_id, true);
+    maps::count_flow(maps::listener_slot(vip.listener_id), true);
+    if pkt.is_close()
+        && let Some(state) = LB_CT.get_ptr_mut(flow)
+    {
+        close_flow(state);
+    }
+    Some(member)
+}
+
+/// The key a member's replies to this client carry.
+#[inline(always)]
+fn reply_key(member: &MemberInfo, pkt: &Packet) -> FlowKey {
+    FlowKey {
+        src_addr: member.addr,
+        dst_addr: pkt.src_addr,
+        src_port: member.port,
+        dst_port: pkt.src_port,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// How a member's replies are made to come from the VIP.
+#[inline(always)]
+fn reverse_nat(pkt: &Packet, vip: &VipInfo) -> ReverseNat {
+    ReverseNat {
+        vip_addr: pkt.dst_addr,
+        vip_port: pkt.dst_port,
+        _pad: 0,
+        listener_id: vip.listener_id,
+    }
 }
 
 /// Picks a member id for a new flow by the listener's algorithm.
@@ -214,21 +280,15 @@ fn new_flow_member(flow: &FlowKey, pkt: &Packet, vip: &VipInfo) -> Option<Member
         // SAFETY: helper without arguments.
         last_seen_ns: unsafe { bpf_ktime_get_ns() },
     };
-    let reply = FlowKey {
-        src_addr: member.addr,
-        dst_addr: pkt.src_addr,
-        src_port: member.port,
-        dst_port: pkt.src_port,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    };
-    let nat = ReverseNat {
-        vip_addr: pkt.dst_addr,
-        vip_port: pkt.dst_port,
-        _pad: 0,
-        listener_id: vip.listener_id,
-    };
+    let reply = reply_key(&member, pkt);
+    let nat = reverse_nat(pkt, vip);
     // Reverse entry first: a reply can never find a flow without its way back.
+    if pkt.proto == IPPROTO_TCP {
+        // Half-open until the client's next packet: a SYN flood churns only these tables.
+        LB_CT_SYN_REV.insert(reply, nat, 0).ok()?;
+        LB_CT_SYN.insert(flow, state, 0).ok()?;
+        return Some(member);
+    }
     LB_CT_REV.insert(reply, nat, 0).ok()?;
     LB_CT.insert(flow, state, 0).ok()?;
     maps::count_flow(member_id, true);

@@ -38,6 +38,17 @@ pub static LB_CT: LruHashMap<FlowKey, FlowState> =
 pub static LB_CT_REV: LruHashMap<FlowKey, ReverseNat> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
 
+/// Half-open TCP flows (only a SYN seen): their own LRU, so a SYN flood cannot evict
+/// established flows.
+#[map(name = "LB_CT_SYN")]
+pub static LB_CT_SYN: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+/// Reverse NAT of half-open flows (the member's SYN-ACK).
+#[map(name = "LB_CT_SYN_REV")]
+pub static LB_CT_SYN_REV: LruHashMap<FlowKey, ReverseNat> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
 /// Opened/closed flow counts: member id, then `MAX_MEMBERS + listener id`.
 #[map(name = "LB_CONNS")]
 pub static LB_CONNS: Array<FlowCounters> = Array::with_max_entries(CONN_COUNTER_SLOTS, 0);

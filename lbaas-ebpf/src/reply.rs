@@ -6,7 +6,7 @@ use lbaas_common::FlowKey;
 use crate::{
     egress::{self, Rewrite},
     forward::close_flow,
-    maps::{self, Direction, LB_CT, LB_CT_REV},
+    maps::{self, Direction, LB_CT, LB_CT_REV, LB_CT_SYN_REV},
     parse::Packet,
 };
 
@@ -14,9 +14,14 @@ use crate::{
 #[inline(always)]
 pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, ()> {
     let key = pkt.flow_key();
-    // SAFETY: read-only copy of an entry written whole.
-    let Some(nat) = (unsafe { LB_CT_REV.get(key) }).copied() else {
-        return Ok(None);
+    // SAFETY: read-only copies of entries written whole.
+    let nat = match unsafe { LB_CT_REV.get(key) } {
+        Some(nat) => *nat,
+        // A SYN-ACK (or a RST) to a half-open flow.
+        None => match unsafe { LB_CT_SYN_REV.get(key) } {
+            Some(nat) => *nat,
+            None => return Ok(None),
+        },
     };
     if pkt.is_close() {
         // The client-side key of this flow: client -> VIP.
