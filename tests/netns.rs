@@ -664,3 +664,85 @@ fn back_to_back_applies_under_traffic_lose_no_request() {
     }
     assert!(judged > 100, "only {judged} requests fell between applies");
 }
+
+#[test]
+fn a_removed_member_finishes_its_connection_then_is_released() {
+    let (topo, daemon) = lab("release", 2);
+    apply(
+        &topo,
+        &daemon,
+        &two_listeners("ROUND_ROBIN", &[(1, ""), (2, "")], ""),
+    );
+    let mut conn = EchoConn::open(&topo, 7000).unwrap();
+    assert_eq!(conn.member(), "member-1");
+    let out = apply(
+        &topo,
+        &daemon,
+        &two_listeners("ROUND_ROBIN", &[(2, "")], ""),
+    );
+    assert!(out.contains("- member lb1/echo/10.77.2.11:7000"), "{out}");
+    for i in 0..3 {
+        assert_eq!(
+            conn.echo(&format!("still{i}")),
+            format!("member-1:still{i}")
+        );
+    }
+    assert_eq!(curls(&topo, 2), ["member-2"; 2]);
+    drop(conn);
+    wait_until(
+        Duration::from_secs(6),
+        "the daemon to release the drained member",
+        || {
+            topo.log("daemon.log")
+                .contains("removed members drained and released")
+        },
+    );
+}
+
+#[test]
+fn interfaces_that_flap_or_are_recreated_get_the_program_back() {
+    topology::require_root();
+    let mut topo = Topology::new("flap", 2);
+    topo.start_http_member(1);
+    topo.start_http_member(2);
+    let daemon = start_daemon(&mut topo, "state");
+    ctl_ok(
+        &daemon,
+        &[
+            "apply",
+            "-f",
+            &write_config(&topo, "lb.yaml", &http_pool(&[1, 2])),
+        ],
+    );
+    assert_eq!(curls(&topo, 2), ["member-1", "member-2"]);
+    let lb = topo.lb();
+    // Down and up: the attachment and the addresses stay.
+    topo.exec(&lb, &["ip", "link", "set", "lan0", "down"]);
+    topo.exec(&lb, &["ip", "link", "set", "lan0", "up"]);
+    wait_until(Duration::from_secs(5), "traffic after link down/up", || {
+        topo.curl(&format!("http://{VIP}/")).is_ok()
+    });
+    // Deleted and created again: the daemon attaches anew and restores the VIP address.
+    topo.recreate_client_link();
+    wait_until(
+        Duration::from_secs(6),
+        "the VIP back on the re-created interface",
+        || vip_on_interface(&topo),
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "traffic through the re-created interface",
+        || topo.curl(&format!("http://{VIP}/")).is_ok(),
+    );
+    let log = topo.log("daemon.log");
+    assert!(
+        log.contains("interface re-created: XDP attached again"),
+        "{log}"
+    );
+    assert!(forwarded_by_xdp(&daemon) > 0);
+    let answers = curls(&topo, 4);
+    assert!(
+        answers.contains(&"member-1".to_string()) && answers.contains(&"member-2".to_string()),
+        "{answers:?}"
+    );
+}

@@ -1231,3 +1231,44 @@ fn a_syn_flood_does_not_evict_established_flows() {
         }
     }
 }
+
+/// With no neighbour entry for the client (flushed by a link flap, say), a member's reply
+/// leaves with the L2 addresses the client's own packets carried, not through the host stack
+/// (which would drop it: its source, the VIP, is a local address).
+#[test]
+fn a_reply_without_a_neighbour_entry_uses_the_clients_remembered_address() {
+    let ns = NetNs::enter();
+    let lb = Lb::new(TWO_MEMBERS);
+    establish(&lb, 40000, ns.lan);
+    run(&[
+        "ip",
+        "-n",
+        &ns.name,
+        "neigh",
+        "del",
+        &CLIENT.to_string(),
+        "dev",
+        "lan0",
+    ]);
+    let reply = Frame {
+        tcp_flags: 0x18,
+        src_mac: M1_MAC,
+        dst_mac: MEM_MAC,
+        payload: b"hello".to_vec(),
+        ..Frame::tcp((M1, 8080), (CLIENT, 40000))
+    };
+    let expected = Frame {
+        src: VIP,
+        sport: 80,
+        src_mac: LAN_MAC,
+        dst_mac: CLIENT_MAC,
+        ..reply.clone()
+    };
+    assert_frame(
+        "reply, no neighbour",
+        lb.run(&reply.build(), ns.mem),
+        XDP_REDIRECT,
+        &expected.build(),
+    );
+    assert_eq!(lb.stat("pass_no_neighbour"), 0);
+}

@@ -225,6 +225,14 @@ pub struct ReverseNat {
     pub _pad: u16,
     /// Listener the flow belongs to.
     pub listener_id: u32,
+    /// Interface the client's packets arrive on.
+    pub client_ifindex: u32,
+    /// The client's (or its router's) MAC, as its first packet carried it.
+    pub client_mac: [u8; 6],
+    /// This node's MAC on that interface, as the client's first packet was sent to it.
+    pub local_mac: [u8; 6],
+    /// Explicit padding; always zero.
+    pub _pad2: u32,
 }
 
 /// Per-CPU counters of one listener.
@@ -252,7 +260,7 @@ const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<FlowState>() == 24);
     assert!(core::mem::size_of::<FlowCounters>() == 16);
-    assert!(core::mem::size_of::<ReverseNat>() == 12);
+    assert!(core::mem::size_of::<ReverseNat>() == 32);
     assert!(core::mem::size_of::<ListenerStats>() == 48);
 };
 

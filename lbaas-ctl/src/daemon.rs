@@ -177,6 +177,67 @@ impl Controller {
         Ok(changes)
     }
 
+    /// The periodic chores: interfaces that came back, idle flows, drained members.
+    async fn housekeeping(&mut self, client_interface: &str, policy: &ExpiryPolicy) {
+        self.check_interfaces(client_interface).await;
+        match self.datapath.expire_flows(dp::monotonic_ns(), policy) {
+            Ok(r) if r.removed > 0 => {
+                tracing::debug!(
+                    scanned = r.scanned,
+                    removed = r.removed,
+                    "expired idle flows"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sweeping the connection table failed"),
+        }
+        let now = std::time::Instant::now();
+        match self.programmer.release_drained(self.datapath.tables(), now) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(members = n, "removed members drained and released");
+                if let Err(e) = self.persist() {
+                    tracing::warn!(error = %e, "saving the data-path snapshot failed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "releasing drained members failed"),
+        }
+    }
+
+    /// Notices interfaces deleted and created again: attaches anew and, for the client side,
+    /// puts the VIP addresses back.
+    async fn check_interfaces(&mut self, client_interface: &str) {
+        for (interface, result) in self.datapath.reattach_recreated() {
+            match result {
+                Ok(mode) => {
+                    tracing::warn!(%interface, ?mode, "interface re-created: XDP attached again")
+                }
+                Err(e) => {
+                    tracing::error!(%interface, error = %e, "interface re-created but attaching XDP failed");
+                    continue;
+                }
+            }
+            if interface == client_interface {
+                match VipAddresses::new(client_interface) {
+                    Ok(addresses) => self.addresses = addresses,
+                    Err(e) => {
+                        tracing::error!(%interface, error = %e, "reopening rtnetlink failed");
+                        continue;
+                    }
+                }
+                let wanted = vips(&self.state.config);
+                match self.sync_addresses(&wanted).await {
+                    Ok(()) => {
+                        tracing::warn!(%interface, addresses = wanted.len(), "VIP addresses restored")
+                    }
+                    Err(e) => {
+                        tracing::error!(%interface, error = %e, "restoring VIP addresses failed")
+                    }
+                }
+            }
+        }
+    }
+
     /// Applies a health transition: the member leaves or rejoins selection at once.
     fn on_transition(&mut self, t: Transition) {
         if !self.health.contains_key(&t.member) {
@@ -470,23 +531,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let sweeper = {
         let daemon = daemon.clone();
         let policy = options.expiry;
+        let client_interface = options.interface.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_INTERVAL);
             loop {
                 tick.tick().await;
-                let mut controller = daemon.controller.lock().await;
-                match controller
-                    .datapath
-                    .expire_flows(dp::monotonic_ns(), &policy)
-                {
-                    Ok(r) if r.removed > 0 => tracing::debug!(
-                        scanned = r.scanned,
-                        removed = r.removed,
-                        "expired idle flows"
-                    ),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "sweeping the connection table failed"),
-                }
+                let mut guard = daemon.controller.lock().await;
+                guard.housekeeping(&client_interface, &policy).await;
             }
         })
     };

@@ -215,6 +215,8 @@ pub struct Datapath {
     links: Vec<XdpLinkId>,
     /// Links pinned on bpffs (or taken over from pins): they stay attached without us.
     pinned: Vec<(String, FdLink)>,
+    /// Interfaces attached through [`Datapath::attach_pinned`], with the index they had.
+    attached: Vec<(String, u32)>,
     pin_dir: Option<PathBuf>,
     reused_maps: bool,
 }
@@ -311,6 +313,7 @@ impl Datapath {
             tables,
             links: Vec::new(),
             pinned: Vec::new(),
+            attached: Vec::new(),
             pin_dir: options.pin_dir,
             reused_maps,
         })
@@ -341,16 +344,22 @@ impl Datapath {
             path: pin.clone(),
             message,
         };
+        let ifindex = crate::net::ifindex(interface).map_err(|e| pin_error(e.to_string()))?;
         if pin.exists() {
-            let old = PinnedLink::from_pin(&pin).map_err(|e| pin_error(e.to_string()))?;
-            let link =
-                XdpLink::try_from(FdLink::from(old)).map_err(|e| pin_error(e.to_string()))?;
-            let program = self.program_mut()?;
-            let id = program.attach_to_link(link)?;
-            let fd =
-                FdLink::try_from(program.take_link(id)?).map_err(|e| pin_error(e.to_string()))?;
-            self.pinned.push((interface.to_string(), fd));
-            return Ok(AttachMode::Replaced);
+            match self.replace_pinned(&pin) {
+                Ok(fd) => {
+                    self.pinned.push((interface.to_string(), fd));
+                    self.attached.retain(|(name, _)| name != interface);
+                    self.attached.push((interface.to_string(), ifindex));
+                    return Ok(AttachMode::Replaced);
+                }
+                Err(e) => {
+                    // The device the link was made for is gone (deleted and re-created):
+                    // the pinned link is defunct. Attach afresh.
+                    tracing::warn!(%interface, error = %e, "pinned XDP link unusable; attaching afresh");
+                    std::fs::remove_file(&pin).map_err(|e| pin_error(e.to_string()))?;
+                }
+            }
         }
         let mode = self.attach(interface)?;
         let id = self.links.pop().expect("attach recorded the link");
@@ -360,6 +369,8 @@ impl Datapath {
                 let pinned = fd.pin(&pin).map_err(|e| pin_error(e.to_string()))?;
                 self.pinned
                     .push((interface.to_string(), FdLink::from(pinned)));
+                self.attached.retain(|(name, _)| name != interface);
+                self.attached.push((interface.to_string(), ifindex));
             }
             Err(e) => {
                 // A netlink attachment (no bpf_link in this kernel) cannot be pinned.
@@ -368,6 +379,34 @@ impl Datapath {
             }
         }
         Ok(mode)
+    }
+
+    /// Swaps this program into a pinned link; returns the link's descriptor.
+    fn replace_pinned(&mut self, pin: &Path) -> Result<FdLink, String> {
+        let old = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?;
+        let link = XdpLink::try_from(FdLink::from(old)).map_err(|e| e.to_string())?;
+        let program = self.program_mut().map_err(|e| e.to_string())?;
+        let id = program.attach_to_link(link).map_err(|e| e.to_string())?;
+        let taken = program.take_link(id).map_err(|e| e.to_string())?;
+        FdLink::try_from(taken).map_err(|e| e.to_string())
+    }
+
+    /// Re-attaches to every interface that was deleted and created again since it was
+    /// attached (its index changed; the kernel dropped the old attachment with the device).
+    /// Returns the interfaces re-attached, with the outcome.
+    pub fn reattach_recreated(&mut self) -> Vec<(String, Result<AttachMode, DatapathError>)> {
+        let mut out = Vec::new();
+        for (name, index) in self.attached.clone() {
+            let Ok(now) = crate::net::ifindex(&name) else {
+                continue;
+            };
+            if now == index {
+                continue;
+            }
+            self.pinned.retain(|(n, _)| *n != name);
+            out.push((name.clone(), self.attach_pinned(&name)));
+        }
+        out
     }
 
     /// Attaches to an interface, natively where the driver supports it, generically otherwise.

@@ -29,6 +29,11 @@ pub enum Rewrite {
         addr: u32,
         /// New source port (network order).
         port: u16,
+        /// Where the client's packets came from (interface, client MAC, our MAC): the next
+        /// hop when the FIB has no neighbour entry for the client. Handing such a reply to
+        /// the host stack would not do: its source is a local address (the VIP), which the
+        /// stack drops as martian.
+        fallback: (u32, [u8; 6], [u8; 6]),
     },
 }
 
@@ -39,7 +44,7 @@ pub fn rewrite_and_send(ctx: &XdpContext, pkt: &Packet, rewrite: Rewrite) -> Res
         Rewrite::Destination { addr, port } => {
             (ip::DADDR, l4::DPORT, pkt.dst_addr, pkt.dst_port, addr, port)
         }
-        Rewrite::Source { addr, port } => {
+        Rewrite::Source { addr, port, .. } => {
             (ip::SADDR, l4::SPORT, pkt.src_addr, pkt.src_port, addr, port)
         }
     };
@@ -69,11 +74,11 @@ pub fn rewrite_and_send(ctx: &XdpContext, pkt: &Packet, rewrite: Rewrite) -> Res
     }
     write(ctx, pkt.l4_off + port_off, port)?;
 
-    let (src, dst) = match rewrite {
-        Rewrite::Destination { .. } => (pkt.src_addr, addr),
-        Rewrite::Source { .. } => (addr, pkt.dst_addr),
+    let (src, dst, fallback) = match rewrite {
+        Rewrite::Destination { .. } => (pkt.src_addr, addr, None),
+        Rewrite::Source { fallback, .. } => (addr, pkt.dst_addr, Some(fallback)),
     };
-    next_hop(ctx, pkt, src, dst)
+    next_hop(ctx, pkt, src, dst, fallback)
 }
 
 /// Sets the MACs of the next hop and sends the frame out of the interface the FIB names.
@@ -82,7 +87,13 @@ pub fn rewrite_and_send(ctx: &XdpContext, pkt: &Packet, rewrite: Rewrite) -> Res
 /// leaving by another device), the rewritten packet goes to the host stack, which routes it
 /// to the same place and resolves the neighbour for the next packets.
 #[inline(always)]
-fn next_hop(ctx: &XdpContext, pkt: &Packet, src: u32, dst: u32) -> Result<u32, ()> {
+fn next_hop(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    src: u32,
+    dst: u32,
+    fallback: Option<(u32, [u8; 6], [u8; 6])>,
+) -> Result<u32, ()> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid input (plain integers and unions of them).
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -101,8 +112,17 @@ fn next_hop(ctx: &XdpContext, pkt: &Packet, src: u32, dst: u32) -> Result<u32, (
         )
     };
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
-        maps::count(STAT_PASS_NO_NEIGH);
-        return Ok(xdp_action::XDP_PASS);
+        if let Some((ifindex, client_mac, local_mac)) = fallback
+            && ifindex != 0
+            && !pkt.vlan
+        {
+            params.ifindex = ifindex;
+            params.dmac = client_mac;
+            params.smac = local_mac;
+        } else {
+            maps::count(STAT_PASS_NO_NEIGH);
+            return Ok(xdp_action::XDP_PASS);
+        }
     }
     let same_link = params.ifindex == ctx.ingress_ifindex() as u32;
     if pkt.vlan && !same_link {

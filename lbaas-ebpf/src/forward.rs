@@ -32,7 +32,7 @@ pub fn to_member(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<u32, (
     let flow = pkt.flow_key();
     let known = match established_member(&flow, pkt) {
         Some(member) => Some(member),
-        None => half_open_member(&flow, pkt, vip),
+        None => half_open_member(ctx, &flow, pkt, vip),
     };
     let (member, new_flow) = match known {
         Some(member) => (member, false),
@@ -44,7 +44,7 @@ pub fn to_member(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<u32, (
                 maps::count_refused(vip.listener_id);
                 return refuse::connection(ctx, pkt);
             }
-            match new_flow_member(&flow, pkt, vip) {
+            match new_flow_member(ctx, &flow, pkt, vip) {
                 Some(member) => (member, true),
                 None => {
                     // Refused at once (a RST to a SYN) rather than left to time out.
@@ -137,7 +137,12 @@ fn established_member(flow: &FlowKey, pkt: &Packet) -> Option<MemberInfo> {
 /// packet promotes the flow to the connection table (the handshake went through), where it
 /// starts counting as open.
 #[inline(always)]
-fn half_open_member(flow: &FlowKey, pkt: &Packet, vip: &VipInfo) -> Option<MemberInfo> {
+fn half_open_member(
+    ctx: &XdpContext,
+    flow: &FlowKey,
+    pkt: &Packet,
+    vip: &VipInfo,
+) -> Option<MemberInfo> {
     if pkt.proto != IPPROTO_TCP {
         return None;
     }
@@ -152,7 +157,7 @@ fn half_open_member(flow: &FlowKey, pkt: &Packet, vip: &VipInfo) -> Option<Membe
         return Some(member);
     }
     let reply = reply_key(&member, pkt);
-    let nat = reverse_nat(pkt, vip);
+    let nat = reverse_nat(ctx, pkt, vip);
     LB_CT_REV.insert(reply, nat, 0).ok()?;
     LB_CT.insert(flow, state, 0).ok()?;
     let _ = LB_CT_SYN_REV.remove(reply);
@@ -180,14 +185,19 @@ fn reply_key(member: &MemberInfo, pkt: &Packet) -> FlowKey {
     }
 }
 
-/// How a member's replies are made to come from the VIP.
+/// How a member's replies are made to come from the VIP, and the client's L2 address as a
+/// fallback next hop.
 #[inline(always)]
-fn reverse_nat(pkt: &Packet, vip: &VipInfo) -> ReverseNat {
+fn reverse_nat(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> ReverseNat {
     ReverseNat {
         vip_addr: pkt.dst_addr,
         vip_port: pkt.dst_port,
         _pad: 0,
         listener_id: vip.listener_id,
+        client_ifindex: ctx.ingress_ifindex() as u32,
+        client_mac: pkt.src_mac,
+        local_mac: pkt.dst_mac,
+        _pad2: 0,
     }
 }
 
@@ -263,7 +273,12 @@ fn least_connections(vip: &VipInfo) -> Option<u32> {
 
 /// Picks a member for a new flow and records the flow both ways.
 #[inline(always)]
-fn new_flow_member(flow: &FlowKey, pkt: &Packet, vip: &VipInfo) -> Option<MemberInfo> {
+fn new_flow_member(
+    ctx: &XdpContext,
+    flow: &FlowKey,
+    pkt: &Packet,
+    vip: &VipInfo,
+) -> Option<MemberInfo> {
     if vip.ring_len == 0 {
         return None;
     }
@@ -281,7 +296,7 @@ fn new_flow_member(flow: &FlowKey, pkt: &Packet, vip: &VipInfo) -> Option<Member
         last_seen_ns: unsafe { bpf_ktime_get_ns() },
     };
     let reply = reply_key(&member, pkt);
-    let nat = reverse_nat(pkt, vip);
+    let nat = reverse_nat(ctx, pkt, vip);
     // Reverse entry first: a reply can never find a flow without its way back.
     if pkt.proto == IPPROTO_TCP {
         // Half-open until the client's next packet: a SYN flood churns only these tables.

@@ -77,6 +77,10 @@ pub struct Packet {
     pub tot_len: u16,
     /// TCP flags (`TCP_*`); 0 for UDP.
     pub tcp_flags: u8,
+    /// Destination MAC (this node's, for traffic to it).
+    pub dst_mac: [u8; 6],
+    /// Source MAC (the previous hop's).
+    pub src_mac: [u8; 6],
     /// Source address (network order).
     pub src_addr: u32,
     /// Destination address (network order).
@@ -163,9 +167,10 @@ fn pass(stat: u32) -> Parsed {
 /// Parses Ethernet (at most one VLAN tag), IPv4 without options, and the TCP/UDP ports.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Parsed {
-    let Ok(ethertype) = read::<u16>(ctx, 12).map(u16::from_be) else {
+    let Ok(eth) = read::<[u8; ETH_HLEN]>(ctx, 0) else {
         return pass(STAT_PASS_MALFORMED);
     };
+    let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
     let (l3_off, vlan, ethertype) = if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         match read::<u16>(ctx, ETH_HLEN + 2).map(u16::from_be) {
             Ok(inner) => (ETH_HLEN + VLAN_HLEN, true, inner),
@@ -177,11 +182,19 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
     if ethertype != ETH_P_IP {
         return pass(STAT_PASS_NOT_VIP);
     }
-    parse_ipv4(ctx, l3_off, vlan)
+    let dst_mac = [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]];
+    let src_mac = [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]];
+    parse_ipv4(ctx, l3_off, vlan, dst_mac, src_mac)
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, l3_off: usize, vlan: bool) -> Parsed {
+fn parse_ipv4(
+    ctx: &XdpContext,
+    l3_off: usize,
+    vlan: bool,
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+) -> Parsed {
     let Ok(header) = read::<[u8; IPV4_HLEN]>(ctx, l3_off) else {
         return pass(STAT_PASS_MALFORMED);
     };
@@ -231,6 +244,8 @@ fn parse_ipv4(ctx: &XdpContext, l3_off: usize, vlan: bool) -> Parsed {
         proto,
         tot_len,
         tcp_flags,
+        dst_mac,
+        src_mac,
         src_addr: u32::from_ne_bytes([
             header[ip::SADDR],
             header[ip::SADDR + 1],

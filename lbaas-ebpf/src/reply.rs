@@ -44,6 +44,7 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, ()> {
         Rewrite::Source {
             addr: nat.vip_addr,
             port: nat.vip_port,
+            fallback: (nat.client_ifindex, nat.client_mac, nat.local_mac),
         },
     )
     .map(Some)

@@ -185,6 +185,27 @@ impl Topology {
         sh(&format!("ip netns exec {sw} ethtool -K p-lb gro on"));
     }
 
+    /// Deletes the client-side link (both ends) and creates it again as it was: what a
+    /// re-created interface looks like to the daemon.
+    pub fn recreate_client_link(&self) {
+        let (c, lb) = (self.client(), self.lb());
+        sh(&format!("ip -n {lb} link del lan0"));
+        sh(&format!(
+            "ip link add eth0 netns {c} type veth peer name lan0 netns {lb}"
+        ));
+        sh(&format!("ip -n {c} addr add {CLIENT_ADDR}/24 dev eth0"));
+        sh(&format!("ip -n {c} link set eth0 up"));
+        sh(&format!(
+            "ip -n {c} route add default via {LB_CLIENT_SIDE_ADDR}"
+        ));
+        sh(&format!(
+            "ip -n {lb} addr add {LB_CLIENT_SIDE_ADDR}/24 dev lan0"
+        ));
+        sh(&format!("ip -n {lb} link set lan0 up"));
+        sh(&format!("ip netns exec {c} ethtool -K eth0 tx off"));
+        sh(&format!("ip netns exec {c} ethtool -K eth0 gro on"));
+    }
+
     /// A bpf filesystem of this topology's own (mounted on first use, unmounted on drop),
     /// where the daemon pins its maps and links: shared with `ip netns exec`'s mount
     /// namespaces, so the pins outlive a daemon, as on a real node's /sys/fs/bpf.
