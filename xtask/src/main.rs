@@ -333,6 +333,22 @@ fn demo_down() -> anyhow::Result<()> {
         status(cmd("ip", &["netns", "del", ns]))?;
         removed += 1;
     }
+    // The demo's bpffs (its pins) and scratch directories.
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    for target in mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|t| t.contains("/lbt-demo-"))
+    {
+        let _ = cmd("umount", &["-l", target]).status();
+    }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("lbt-demo-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     println!("removed {removed} demo namespace(s)");
     Ok(())
 }
