@@ -746,3 +746,81 @@ fn interfaces_that_flap_or_are_recreated_get_the_program_back() {
         "{answers:?}"
     );
 }
+
+#[test]
+fn a_corrupt_state_file_stops_the_daemon_and_is_left_alone() {
+    topology::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let file = state.join("state.json");
+    std::fs::write(&file, b"{\"config\": {\"loadbalancers\": [ truncated").unwrap();
+    let out = std::process::Command::new(CTL)
+        .args([
+            "--socket",
+            dir.path().join("s.sock").to_str().unwrap(),
+            "daemon",
+            "--interface",
+            "lo",
+        ])
+        .args([
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--pin-path",
+            dir.path().join("pins").to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("state file {} is corrupt", file.display())),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        b"{\"config\": {\"loadbalancers\": [ truncated"
+    );
+}
+
+#[test]
+fn the_api_socket_admits_root_and_the_socket_group_only() {
+    topology::require_root();
+    let mut topo = Topology::new("sock", 1);
+    let daemon = start_daemon_with(&mut topo, "state", &["--socket-group", "nogroup"]);
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let meta = std::fs::metadata(&daemon.socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), 65534);
+    let as_user = |uid: &str, gid: &str| {
+        std::process::Command::new("setpriv")
+            .args([
+                "--reuid",
+                uid,
+                "--regid",
+                gid,
+                "--clear-groups",
+                CTL,
+                "--socket",
+            ])
+            .arg(&daemon.socket)
+            .args(["get", "loadbalancers"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let member = as_user("65534", "65534");
+    assert!(
+        member.status.success(),
+        "a member of the socket group: {}",
+        String::from_utf8_lossy(&member.stderr)
+    );
+    let stranger = as_user("65533", "65533");
+    assert!(!stranger.status.success());
+    let err = String::from_utf8_lossy(&stranger.stderr);
+    assert!(
+        err.contains("cannot reach the daemon") && err.contains("ermission denied"),
+        "{err}"
+    );
+}

@@ -201,8 +201,55 @@ async fn read_json<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T,
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("request body: {e}")))
 }
 
-/// Serves the API on `listener` until the future is dropped.
-pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
+/// Who may use the API besides root and the daemon's own user.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Access {
+    /// Members of this group (primary or supplementary) may.
+    pub group: Option<u32>,
+}
+
+/// The groups of a process: its primary group and the supplementary ones in /proc.
+fn process_groups(pid: i32, primary: u32) -> Vec<u32> {
+    let mut groups = vec![primary];
+    if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        && let Some(line) = status.lines().find(|l| l.starts_with("Groups:"))
+    {
+        groups.extend(
+            line["Groups:".len()..]
+                .split_whitespace()
+                .filter_map(|g| g.parse::<u32>().ok()),
+        );
+    }
+    groups
+}
+
+impl Access {
+    /// Whether the peer on a connection may use the API (checked from its credentials, on top
+    /// of the socket file's permissions).
+    fn allows(&self, stream: &UnixStream) -> Result<(), String> {
+        let cred = stream
+            .peer_cred()
+            .map_err(|e| format!("reading peer credentials: {e}"))?;
+        // SAFETY: geteuid has no preconditions.
+        let own = unsafe { libc::geteuid() };
+        if cred.uid() == 0 || cred.uid() == own {
+            return Ok(());
+        }
+        if let (Some(group), Some(pid)) = (self.group, cred.pid())
+            && process_groups(pid, cred.gid()).contains(&group)
+        {
+            return Ok(());
+        }
+        Err(format!(
+            "uid {} (pid {:?}) is not allowed",
+            cred.uid(),
+            cred.pid()
+        ))
+    }
+}
+
+/// Serves the API on `listener` until the future is dropped, to the peers `access` allows.
+pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, access: Access) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -211,6 +258,10 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
                 continue;
             }
         };
+        if let Err(why) = access.allows(&stream) {
+            tracing::warn!(%why, "API connection refused");
+            continue; // dropping the stream closes it
+        }
         let handler = handler.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
@@ -393,7 +444,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("api.sock");
         let listener = UnixListener::bind(&socket).unwrap();
-        tokio::spawn(serve(listener, Arc::new(Nothing)));
+        tokio::spawn(serve(listener, Arc::new(Nothing), Access::default()));
 
         let bad_json = b"POST /v1/apply HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\nConnection: close\r\n\r\n{\"yaml\": ";
         let answer = raw(&socket, bad_json).await;

@@ -42,6 +42,8 @@ pub struct Options {
     pub expiry: ExpiryPolicy,
     /// How long a removed member keeps serving its open flows at most.
     pub member_drain_timeout: std::time::Duration,
+    /// A group whose members may use the API socket too (mode 0660 instead of 0600).
+    pub socket_group: Option<u32>,
     /// On SIGTERM/SIGINT, detach the program and remove pins and VIP addresses (by default
     /// they stay, so a restart or an upgrade loses no flow).
     pub cleanup_on_exit: bool,
@@ -513,7 +515,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .with_context(|| format!("binding API socket {}", options.socket.display()))?;
     {
         use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&options.socket, std::fs::Permissions::from_mode(0o600))?;
+        // Owner only, or owner and one group (`--socket-group`).
+        let mode = if let Some(gid) = options.socket_group {
+            std::os::unix::fs::chown(&options.socket, None, Some(gid))
+                .with_context(|| format!("giving {} to group {gid}", options.socket.display()))?;
+            0o660
+        } else {
+            0o600
+        };
+        std::fs::set_permissions(&options.socket, std::fs::Permissions::from_mode(mode))?;
     }
     let daemon = Arc::new(Daemon {
         controller: Mutex::new(controller),
@@ -545,7 +555,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
     tokio::select! {
-        () = api::serve(listener, daemon.clone()) => {}
+        () = api::serve(listener, daemon.clone(), api::Access { group: options.socket_group }) => {}
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }

@@ -65,6 +65,9 @@ enum Command {
         /// On SIGTERM/SIGINT, detach the program and remove pins and VIP addresses.
         #[arg(long)]
         cleanup_on_exit: bool,
+        /// A group (name or gid) whose members may use the API socket too.
+        #[arg(long, value_parser = parse_group)]
+        socket_group: Option<u32>,
         /// Seconds a removed member keeps serving its open flows at most (it gets no new ones).
         #[arg(long, default_value_t = 300)]
         member_drain_timeout: u64,
@@ -202,6 +205,24 @@ async fn detach(state_dir: &Path, pin_path: Option<PathBuf>) -> anyhow::Result<(
     Ok(())
 }
 
+/// A group name (from /etc/group) or a numeric gid.
+fn parse_group(text: &str) -> Result<u32, String> {
+    if let Ok(gid) = text.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups =
+        std::fs::read_to_string("/etc/group").map_err(|e| format!("reading /etc/group: {e}"))?;
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            Some((f.next()?, f.nth(1)?))
+        })
+        .find(|(name, _)| *name == text)
+        .and_then(|(_, gid)| gid.parse().ok())
+        .ok_or_else(|| format!("no group named {text:?}"))
+}
+
 fn parse_prime(text: &str) -> Result<u32, String> {
     let n: u32 = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
     if !maglev::is_prime(u64::from(n)) || n > lbaas_common::RING_SLOTS / 4 {
@@ -253,6 +274,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             member_drain_timeout,
             pin_path,
             cleanup_on_exit,
+            socket_group,
             log_format,
         } => {
             init_logging(log_format);
@@ -269,6 +291,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }),
                 },
                 cleanup_on_exit,
+                socket_group,
                 compile: CompileOptions { maglev_table_size },
                 expiry: ExpiryPolicy {
                     udp_idle: Duration::from_secs(udp_idle_timeout),
