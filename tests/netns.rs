@@ -824,3 +824,30 @@ fn the_api_socket_admits_root_and_the_socket_group_only() {
         "{err}"
     );
 }
+
+#[test]
+fn pins_of_another_layout_are_replaced_and_the_cost_is_said() {
+    topology::require_root();
+    let mut topo = Topology::new("layout", 1);
+    topo.start_http_member(1);
+    let daemon = start_daemon(&mut topo, "state");
+    ctl_ok(
+        &daemon,
+        &[
+            "apply",
+            "-f",
+            &write_config(&topo, "lb.yaml", &http_pool(&[1])),
+        ],
+    );
+    assert!(topo.stop(daemon.pid, "TERM").success());
+    // Pretend the pins were left by a build with another layout version.
+    let pins = topo.bpffs().join("lbaas");
+    let current = pins.join(format!("v{}", lbaas_common::LAYOUT_VERSION));
+    std::fs::rename(&current, pins.join("v0")).unwrap();
+    let _daemon = start_daemon(&mut topo, "state");
+    let log = topo.log("daemon.log");
+    assert!(log.contains("cannot be taken over"), "{log}");
+    assert!(!pins.join("v0").exists(), "old pins removed");
+    assert!(current.join("LB_VIPS").exists());
+    assert_eq!(curls(&topo, 2), ["member-1"; 2]);
+}

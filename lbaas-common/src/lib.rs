@@ -10,6 +10,11 @@
 #![no_std]
 #![deny(missing_docs)]
 
+/// Version of the shared layouts as a whole. Pins live under `v<LAYOUT_VERSION>` in the pin
+/// directory, so a build with other layouts never reuses maps it would misread; bump it with
+/// any change to a map's key or value type, size or kind.
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// Name of the VIP table: [`VipKey`] -> [`VipInfo`].
 pub const MAP_VIPS: &str = "LB_VIPS";
 /// Name of the member table: member id (u32 index) -> [`MemberInfo`].

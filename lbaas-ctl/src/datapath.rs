@@ -149,8 +149,9 @@ fn link_pin(dir: &Path, interface: &str) -> PathBuf {
     dir.join(format!("link_{interface}"))
 }
 
-/// Removes everything pinned under `dir`: the XDP links (which detaches the program once no
-/// process holds them) and the maps. Returns the names removed.
+/// Removes everything pinned under `dir` (and its layout subdirectories): the XDP links
+/// (which detaches the program once no process holds them) and the maps. Returns the names
+/// removed.
 pub fn unpin_all(dir: &Path) -> std::io::Result<Vec<String>> {
     let mut removed = Vec::new();
     let entries = match std::fs::read_dir(dir) {
@@ -160,11 +161,43 @@ pub fn unpin_all(dir: &Path) -> std::io::Result<Vec<String>> {
     };
     for entry in entries {
         let entry = entry?;
-        std::fs::remove_file(entry.path())?;
-        removed.push(entry.file_name().to_string_lossy().into_owned());
+        if entry.file_type()?.is_dir() {
+            removed.extend(unpin_all(&entry.path())?);
+        } else {
+            std::fs::remove_file(entry.path())?;
+            removed.push(entry.file_name().to_string_lossy().into_owned());
+        }
     }
     std::fs::remove_dir(dir)?;
     Ok(removed)
+}
+
+/// Pins of another layout version cannot be reused (this build would misread them): says
+/// what that costs, then removes them, which detaches the old program so the new one can
+/// attach.
+fn retire_other_layouts(base: &Path) -> Result<(), DatapathError> {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return Ok(());
+    };
+    let current = format!("v{}", lbaas_common::LAYOUT_VERSION);
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('v') || name == current || !entry.path().is_dir() {
+            continue;
+        }
+        tracing::warn!(
+            found = %entry.path().display(),
+            this_build = %current,
+            "a data path pinned with another layout ({name}) cannot be taken over: its connection \
+             table is dropped, so TCP connections through this node are reset and every flow is \
+             balanced afresh; its program is detached now and this build's attached"
+        );
+        unpin_all(&entry.path()).map_err(|e| DatapathError::Pin {
+            path: entry.path(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(())
 }
 
 /// How the program got attached to an interface.
@@ -263,7 +296,14 @@ impl Datapath {
             .map_max_entries(lbaas_common::MAP_HALF_OPEN, options.conntrack_size)
             .map_max_entries(lbaas_common::MAP_HALF_OPEN_REVERSE, options.conntrack_size);
         let mut reused_maps = false;
-        if let Some(dir) = &options.pin_dir {
+        let pin_dir = options
+            .pin_dir
+            .as_ref()
+            .map(|base| base.join(format!("v{}", lbaas_common::LAYOUT_VERSION)));
+        if let Some(base) = &options.pin_dir {
+            retire_other_layouts(base)?;
+        }
+        if let Some(dir) = &pin_dir {
             std::fs::create_dir_all(dir).map_err(|e| DatapathError::Pin {
                 path: dir.clone(),
                 message: e.to_string(),
@@ -314,7 +354,7 @@ impl Datapath {
             links: Vec::new(),
             pinned: Vec::new(),
             attached: Vec::new(),
-            pin_dir: options.pin_dir,
+            pin_dir,
             reused_maps,
         })
     }
@@ -439,6 +479,10 @@ impl Datapath {
                 path: dir.clone(),
                 message: e.to_string(),
             })?;
+            // The base directory goes too once no other layout's pins are left in it.
+            if let Some(base) = dir.parent() {
+                let _ = std::fs::remove_dir(base);
+            }
         }
         // Dropping the last descriptor of an unpinned link detaches it.
         self.pinned.clear();
