@@ -720,7 +720,74 @@ pub fn validate(config: &Config) -> Vec<ValidationError> {
             validate_pool(&mut c, &pat, pool);
         }
     }
+    check_capacity(&mut c, config);
     c.errors
+}
+
+/// The data path's fixed capacities, checked before anything is written: a configuration
+/// that cannot fit is refused whole with the limit it hits, never half applied.
+fn check_capacity(c: &mut Checker, config: &Config) {
+    use lbaas_common::{MAX_LISTENERS, MAX_MEMBERS, MAX_VIPS, RING_SLOTS};
+    let listeners: usize = config
+        .loadbalancers
+        .iter()
+        .map(|lb| lb.listeners.len())
+        .sum();
+    let members: usize = config
+        .loadbalancers
+        .iter()
+        .flat_map(|lb| &lb.pools)
+        .map(|p| p.members.len())
+        .sum();
+    if listeners > MAX_LISTENERS.min(MAX_VIPS) as usize {
+        c.error(
+            "loadbalancers",
+            format!(
+                "{listeners} listeners in all; the data path holds {}",
+                MAX_LISTENERS.min(MAX_VIPS)
+            ),
+        );
+    }
+    if members > MAX_MEMBERS as usize {
+        c.error(
+            "loadbalancers",
+            format!("{members} members in all; the data path holds {MAX_MEMBERS}"),
+        );
+    }
+    // Ring slots each listener's table needs at most (round robin: the sum of weights;
+    // least connections: one per member; Maglev: the table), twice over while a change is
+    // made beside the live table.
+    let mut slots: u64 = 0;
+    for lb in &config.loadbalancers {
+        for l in &lb.listeners {
+            let Some(pool) = l.default_pool.as_deref().and_then(|p| lb.pool(p)) else {
+                continue;
+            };
+            let n = pool.members.len() as u64;
+            slots += match pool.lb_algorithm {
+                LbAlgorithm::LeastConnections => n,
+                LbAlgorithm::SourceIp | LbAlgorithm::SourceIpPort => {
+                    u64::from(crate::maglev::default_table_size(pool.members.len()))
+                }
+                _ if pool.session_persistence.is_some() => {
+                    u64::from(crate::maglev::default_table_size(pool.members.len()))
+                }
+                _ => pool
+                    .members
+                    .iter()
+                    .map(|m| m.weight.clamp(0, 256) as u64)
+                    .sum(),
+            };
+        }
+    }
+    if slots * 2 > u64::from(RING_SLOTS) {
+        c.error(
+            "loadbalancers",
+            format!(
+                "the listeners' selection tables need up to {slots} slots (twice that while changing); the data path holds {RING_SLOTS}"
+            ),
+        );
+    }
 }
 
 fn validate_vip(c: &mut Checker, at: &str, vip: &str) -> Option<Ipv4Addr> {

@@ -31,6 +31,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Fuzz the packet parser longer than the test suite does (BPF_PROG_TEST_RUN). Root.
+    Fuzz {
+        /// Frames to run.
+        #[arg(long, default_value_t = 20_000_000)]
+        frames: u64,
+    },
     /// Build, start a demo topology in namespaces, apply examples/demo.yaml, show round robin.
     Demo {
         /// Leave the topology and daemon running and print how to use them.
@@ -431,6 +437,23 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Test { args } => test(&args),
+        Task::Fuzz { frames } => {
+            ensure!(is_root(), "fuzzing loads XDP programs: run as root");
+            ensure_setup()?;
+            let mut c = cargo(&[
+                "test",
+                "--release",
+                "-p",
+                "lbaas-ctl",
+                "--test",
+                "packet",
+                "fuzzed",
+                "--",
+                "--nocapture",
+            ]);
+            c.env("LBAAS_FUZZ_FRAMES", frames.to_string());
+            status(c)
+        }
         Task::Demo { down: true, .. } => demo_down(),
         Task::Demo { keep, .. } => demo(keep),
     }

@@ -480,3 +480,24 @@ fn mutated_files_never_panic_and_every_error_says_where() {
         }
     }
 }
+
+#[test]
+fn capacity_limits_are_checked_before_anything_is_written() {
+    // 140 SOURCE_IP listeners over one pool: 140 Maglev tables of 16381 slots, over half the ring.
+    let mut yaml =
+        String::from("loadbalancers:\n  - name: lb\n    vip_address: 10.0.0.1\n    listeners:\n");
+    for port in 0..140 {
+        yaml.push_str(&format!(
+            "      - {{name: l{port}, protocol: TCP, protocol_port: {}, default_pool: p}}\n",
+            1000 + port
+        ));
+    }
+    yaml.push_str("    pools:\n      - {name: p, protocol: TCP, lb_algorithm: SOURCE_IP, members: [{address: 10.0.1.1, protocol_port: 80}]}\n");
+    let e = errors(&yaml);
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert!(
+        e[0].starts_with("loadbalancers: the listeners' selection tables need up to 2293340 slots"),
+        "{}",
+        e[0]
+    );
+}
