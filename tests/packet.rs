@@ -9,16 +9,13 @@
 
 mod common;
 
-use std::{
-    net::Ipv4Addr,
-    os::fd::AsRawFd as _,
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::{net::Ipv4Addr, os::fd::AsRawFd as _};
 
 use aya::programs::{TestRun, TestRunOptions};
 use common::{
     frames::{Frame, UDP, hex},
-    topology::{require_root, run},
+    pktns::*,
+    topology::run,
 };
 use lbaas_common::STAT_COUNT;
 use lbaas_ctl::{
@@ -32,113 +29,6 @@ const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
-
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x02];
-const LAN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
-const MEM_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 100);
-const M1: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 11);
-const M2: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 12);
-const M1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x11];
-const M2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x12];
-const M3: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 13);
-const M4: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 14);
-const M3_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x13];
-const M4_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x14];
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// A namespace that this test's thread has entered; deleted on drop.
-struct NetNs {
-    name: String,
-    lan: u32,
-    mem: u32,
-}
-
-impl NetNs {
-    fn enter() -> Self {
-        require_root();
-        let name = format!(
-            "lbp-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
-        run(&["ip", "netns", "add", &name]);
-        let mut ns = NetNs {
-            name,
-            lan: 0,
-            mem: 0,
-        };
-        let n = ns.name.clone();
-        let n = n.as_str();
-        for (dev, peer, mac, addr) in [
-            ("lan0", "lan1", LAN_MAC, "10.1.0.1/24"),
-            ("mem0", "mem1", MEM_MAC, "10.2.0.1/24"),
-        ] {
-            run(&[
-                "ip", "-n", n, "link", "add", dev, "type", "veth", "peer", "name", peer,
-            ]);
-            run(&["ip", "-n", n, "link", "set", dev, "address", &mac_str(mac)]);
-            run(&["ip", "-n", n, "addr", "add", addr, "dev", dev]);
-            run(&["ip", "-n", n, "link", "set", dev, "up"]);
-            run(&["ip", "-n", n, "link", "set", peer, "up"]);
-        }
-        for (addr, mac, dev) in [
-            (CLIENT, CLIENT_MAC, "lan0"),
-            (M1, M1_MAC, "mem0"),
-            (M2, M2_MAC, "mem0"),
-            (M3, M3_MAC, "mem0"),
-            (M4, M4_MAC, "mem0"),
-        ] {
-            run(&[
-                "ip",
-                "-n",
-                n,
-                "neigh",
-                "add",
-                &addr.to_string(),
-                "lladdr",
-                &mac_str(mac),
-                "dev",
-                dev,
-                "nud",
-                "permanent",
-            ]);
-        }
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            n,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]);
-        let file = std::fs::File::open(format!("/var/run/netns/{n}")).expect("netns file");
-        // SAFETY: setns on a valid namespace fd; it only changes this thread's namespace.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        ns.lan = lbaas_ctl::net::ifindex("lan0").expect("lan0");
-        ns.mem = lbaas_ctl::net::ifindex("mem0").expect("mem0");
-        ns
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn mac_str(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
 
 /// The program with a configuration applied through the real controller.
 struct Lb {

@@ -27,6 +27,8 @@ static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 
 /// Name of the XDP entry point in the object.
 pub const PROGRAM_NAME: &str = "lbaas_xdp";
+/// Name of the do-nothing XDP program in the object (benchmarks' floor).
+pub const NOOP_PROGRAM_NAME: &str = "lbaas_noop";
 
 /// Names of the global counters, indexed by `STAT_*`.
 pub const GLOBAL_STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -492,6 +494,24 @@ impl Datapath {
             program.detach(link)?;
         }
         Ok(())
+    }
+
+    /// The do-nothing program shipped beside the data path (loaded on first use): the floor
+    /// of the benchmarks.
+    pub fn noop_program(&mut self) -> Result<&Xdp, DatapathError> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(NOOP_PROGRAM_NAME)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load()?;
+        }
+        Ok(self
+            .ebpf
+            .program(NOOP_PROGRAM_NAME)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()?)
     }
 
     /// The program, e.g. for `BPF_PROG_TEST_RUN`.

@@ -65,3 +65,10 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 4] = *b"GPL\0";
+
+/// A program that does nothing but pass: the floor every data-path figure is compared with in
+/// the benchmarks (same run, same machine).
+#[xdp]
+pub fn lbaas_noop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}

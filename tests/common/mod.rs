@@ -3,4 +3,5 @@
 
 pub mod daemon;
 pub mod frames;
+pub mod pktns;
 pub mod topology;
