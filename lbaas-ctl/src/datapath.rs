@@ -496,9 +496,8 @@ impl Datapath {
         Ok(())
     }
 
-    /// The do-nothing program shipped beside the data path (loaded on first use): the floor
-    /// of the benchmarks.
-    pub fn noop_program(&mut self) -> Result<&Xdp, DatapathError> {
+    /// Loads the do-nothing program shipped beside the data path: the benchmarks' floor.
+    pub fn load_noop(&mut self) -> Result<(), DatapathError> {
         let program: &mut Xdp = self
             .ebpf
             .program_mut(NOOP_PROGRAM_NAME)
@@ -507,6 +506,11 @@ impl Datapath {
         if program.fd().is_err() {
             program.load()?;
         }
+        Ok(())
+    }
+
+    /// The do-nothing program (after [`Datapath::load_noop`]).
+    pub fn noop_program(&self) -> Result<&Xdp, DatapathError> {
         Ok(self
             .ebpf
             .program(NOOP_PROGRAM_NAME)

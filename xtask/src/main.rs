@@ -31,6 +31,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmarks: data-path ns/packet against a do-nothing program, control-plane timings;
+    /// writes BENCHMARKS.md. Root.
+    Bench {
+        /// A short run (a smoke test of the benchmark itself; CI runs it).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Fuzz the packet parser longer than the test suite does (BPF_PROG_TEST_RUN). Root.
     Fuzz {
         /// Frames to run.
@@ -437,6 +444,32 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Test { args } => test(&args),
+        Task::Bench { quick } => {
+            ensure!(
+                is_root(),
+                "the benchmarks load XDP programs and create a namespace: run as root"
+            );
+            ensure_setup()?;
+            let out = if quick {
+                // A smoke run must not overwrite the published figures.
+                std::env::temp_dir().join("lbaas-bench-quick.md")
+            } else {
+                workspace().join("BENCHMARKS.md")
+            };
+            let mut c = cargo(&["bench", "-p", "lbaas-ctl", "--bench", "datapath", "--"]);
+            if quick {
+                c.arg("--quick");
+            }
+            c.arg("--out").arg(&out);
+            status(c)?;
+            let report = std::fs::read_to_string(&out)?;
+            ensure!(
+                report.contains("ns/packet") && report.contains("Maglev"),
+                "the benchmark produced no figures"
+            );
+            println!("bench: report written to {}", out.display());
+            Ok(())
+        }
         Task::Fuzz { frames } => {
             ensure!(is_root(), "fuzzing loads XDP programs: run as root");
             ensure_setup()?;
