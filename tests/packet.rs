@@ -1162,3 +1162,40 @@ fn a_reply_without_a_neighbour_entry_uses_the_clients_remembered_address() {
     );
     assert_eq!(lb.stat("pass_no_neighbour"), 0);
 }
+
+/// Next hops are cached for NEXT_HOP_TTL_NS: a neighbour that changes its MAC is followed
+/// within that time, not at once.
+#[test]
+fn a_changed_neighbour_is_followed_within_the_next_hop_ttl() {
+    let ns = NetNs::enter();
+    let lb = Lb::new(TWO_MEMBERS);
+    establish(&lb, 40000, ns.lan);
+    let mut data = to_vip(40000);
+    data.tcp_flags = 0x18;
+    assert_eq!(&lb.run(&data.build(), ns.lan).1[0..6], &M1_MAC);
+    let new_mac = [0x02, 0, 0, 0, 0x02, 0x99];
+    run(&[
+        "ip",
+        "-n",
+        &ns.name,
+        "neigh",
+        "replace",
+        &M1.to_string(),
+        "lladdr",
+        &mac_str(new_mac),
+        "dev",
+        "mem0",
+        "nud",
+        "permanent",
+    ]);
+    assert_eq!(&lb.run(&data.build(), ns.lan).1[0..6], &M1_MAC, "cached");
+    std::thread::sleep(
+        Duration::from_nanos(lbaas_common::NEXT_HOP_TTL_NS) + Duration::from_millis(100),
+    );
+    assert_frame(
+        "after the TTL",
+        lb.run(&data.build(), ns.lan),
+        XDP_REDIRECT,
+        &dnat(&data, M1, new_mac, 8080),
+    );
+}

@@ -43,13 +43,17 @@ pub const MAP_CONNS: &str = "LB_CONNS";
 /// Name of the expired-flow counters, same index as [`MAP_CONNS`], written only by the
 /// controller when it removes idle flows (a single writer, so no atomics are needed).
 pub const MAP_EXPIRED: &str = "LB_EXPIRED";
+/// Name of the next-hop cache: [`NextHopKey`] -> [`NextHop`] (LRU), so that a packet costs a
+/// hash lookup instead of a FIB lookup; entries are trusted for [`NEXT_HOP_TTL_NS`].
+pub const MAP_NEXT_HOP: &str = "LB_NEXTHOP";
 /// Name of the per-CPU listener counters: listener id -> [`ListenerStats`].
 pub const MAP_LISTENER_STATS: &str = "LB_LSTATS";
 /// Name of the per-CPU global counters: stat index (`STAT_*`) -> u64.
 pub const MAP_GLOBAL_STATS: &str = "LB_GSTATS";
 
 /// Every map, e.g. to pin them all.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
+    MAP_NEXT_HOP,
     MAP_VIPS,
     MAP_MEMBERS,
     MAP_RING,
@@ -77,6 +81,11 @@ pub const CONN_COUNTER_SLOTS: u32 = MAX_MEMBERS + MAX_LISTENERS;
 /// Most usable members a LEAST_CONNECTIONS pool may have: the data path scans them all for
 /// each new flow, in a loop the verifier must be able to bound.
 pub const MAX_LEAST_CONN_MEMBERS: u32 = 128;
+/// How long a cached next hop is used before the FIB is asked again (a neighbour that changes
+/// its MAC, or a route that changes, is followed within this time).
+pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
+/// Entries of the next-hop cache.
+pub const NEXT_HOP_ENTRIES: u32 = 16_384;
 /// Default connection-table size (entries in each of the forward and reverse tables).
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
 
@@ -208,6 +217,32 @@ pub struct FlowState {
     pub last_seen_ns: u64,
 }
 
+/// Key of the next-hop cache: where a packet goes and where it came in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NextHopKey {
+    /// Destination address (network order).
+    pub addr: u32,
+    /// Ingress interface.
+    pub ifindex: u32,
+}
+
+/// A cached FIB answer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHop {
+    /// Egress interface.
+    pub ifindex: u32,
+    /// Next hop's MAC.
+    pub dmac: [u8; 6],
+    /// Our MAC on the egress interface.
+    pub smac: [u8; 6],
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` when the FIB gave it.
+    pub stamp_ns: u64,
+}
+
 /// Open and closed flow counts of a member or listener; active = opened - closed - expired.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -265,6 +300,8 @@ const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<FlowState>() == 24);
     assert!(core::mem::size_of::<FlowCounters>() == 16);
+    assert!(core::mem::size_of::<NextHopKey>() == 8);
+    assert!(core::mem::size_of::<NextHop>() == 32);
     assert!(core::mem::size_of::<ReverseNat>() == 32);
     assert!(core::mem::size_of::<ListenerStats>() == 48);
 };
@@ -326,4 +363,6 @@ mod user {
     unsafe impl aya::Pod for ReverseNat {}
     unsafe impl aya::Pod for ListenerStats {}
     unsafe impl aya::Pod for FlowCounters {}
+    unsafe impl aya::Pod for NextHopKey {}
+    unsafe impl aya::Pod for NextHop {}
 }

@@ -2,13 +2,19 @@
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
-    helpers::generated::{bpf_fib_lookup, bpf_redirect},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_fib_lookup, bpf_redirect},
+    },
     programs::XdpContext,
 };
-use lbaas_common::{IPPROTO_TCP, STAT_FORWARDED, STAT_PASS_NO_NEIGH};
+use lbaas_common::{
+    IPPROTO_TCP, NEXT_HOP_TTL_NS, NextHop, NextHopKey, STAT_FORWARDED, STAT_PASS_NO_NEIGH,
+};
 
 use crate::{
-    checksum, maps,
+    checksum,
+    maps::{self, LB_NEXTHOP},
     parse::{Packet, ip, l4, read, write},
 };
 
@@ -94,6 +100,61 @@ fn next_hop(
     dst: u32,
     fallback: Option<(u32, [u8; 6], [u8; 6])>,
 ) -> Result<u32, ()> {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let (ifindex, dmac, smac) = match cached_hop(dst, ingress) {
+        Some(hop) => hop,
+        None => match fib_hop(ctx, pkt, src, dst, ingress) {
+            Some(hop) => hop,
+            None => match fallback {
+                Some(hop) if hop.0 != 0 && !pkt.vlan => hop,
+                _ => {
+                    maps::count(STAT_PASS_NO_NEIGH);
+                    return Ok(xdp_action::XDP_PASS);
+                }
+            },
+        },
+    };
+    let same_link = ifindex == ingress;
+    if pkt.vlan && !same_link {
+        maps::count(STAT_PASS_NO_NEIGH);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    write(ctx, 0, dmac)?;
+    write(ctx, 6, smac)?;
+    maps::count(STAT_FORWARDED);
+    if same_link {
+        return Ok(xdp_action::XDP_TX);
+    }
+    // SAFETY: plain helper call; it only records the target for after the program returns.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
+}
+
+/// A next hop the FIB gave less than `NEXT_HOP_TTL_NS` ago: a hash lookup instead of a FIB
+/// lookup, which costs several times more per packet. (A cached answer is per destination
+/// and ingress interface: source-based policy routing is followed only as often as the TTL.)
+#[inline(always)]
+fn cached_hop(dst: u32, ingress: u32) -> Option<(u32, [u8; 6], [u8; 6])> {
+    // SAFETY: read-only copy of an entry written whole.
+    let hop = unsafe {
+        LB_NEXTHOP.get(NextHopKey {
+            addr: dst,
+            ifindex: ingress,
+        })
+    }?;
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    (now.wrapping_sub(hop.stamp_ns) < NEXT_HOP_TTL_NS).then_some((hop.ifindex, hop.dmac, hop.smac))
+}
+
+/// Asks the FIB for the next hop (and caches a resolved answer).
+#[inline(always)]
+fn fib_hop(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    src: u32,
+    dst: u32,
+    ingress: u32,
+) -> Option<(u32, [u8; 6], [u8; 6])> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid input (plain integers and unions of them).
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -101,7 +162,7 @@ fn next_hop(
     params.__bindgen_anon_1.tot_len = pkt.tot_len;
     params.__bindgen_anon_3.ipv4_src = src;
     params.__bindgen_anon_4.ipv4_dst = dst;
-    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.ifindex = ingress;
     // SAFETY: params lives on the stack for the duration of the call, with its true size.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -112,29 +173,23 @@ fn next_hop(
         )
     };
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
-        if let Some((ifindex, client_mac, local_mac)) = fallback
-            && ifindex != 0
-            && !pkt.vlan
-        {
-            params.ifindex = ifindex;
-            params.dmac = client_mac;
-            params.smac = local_mac;
-        } else {
-            maps::count(STAT_PASS_NO_NEIGH);
-            return Ok(xdp_action::XDP_PASS);
-        }
+        return None;
     }
-    let same_link = params.ifindex == ctx.ingress_ifindex() as u32;
-    if pkt.vlan && !same_link {
-        maps::count(STAT_PASS_NO_NEIGH);
-        return Ok(xdp_action::XDP_PASS);
-    }
-    write(ctx, 0, params.dmac)?;
-    write(ctx, 6, params.smac)?;
-    maps::count(STAT_FORWARDED);
-    if same_link {
-        return Ok(xdp_action::XDP_TX);
-    }
-    // SAFETY: plain helper call; it only records the target for after the program returns.
-    Ok(unsafe { bpf_redirect(params.ifindex, 0) } as u32)
+    let hop = NextHop {
+        ifindex: params.ifindex,
+        dmac: params.dmac,
+        smac: params.smac,
+        _pad: 0,
+        // SAFETY: helper without arguments.
+        stamp_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    let _ = LB_NEXTHOP.insert(
+        NextHopKey {
+            addr: dst,
+            ifindex: ingress,
+        },
+        hop,
+        0,
+    );
+    Some((params.ifindex, params.dmac, params.smac))
 }

@@ -8,8 +8,8 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use lbaas_common::{
     CONN_COUNTER_SLOTS, DEFAULT_CONNTRACK_SIZE, FlowCounters, FlowKey, FlowState, ListenerStats,
-    MAX_LISTENERS, MAX_MEMBERS, MAX_VIPS, MemberInfo, RING_SLOTS, ReverseNat, STAT_COUNT, VipInfo,
-    VipKey,
+    MAX_LISTENERS, MAX_MEMBERS, MAX_VIPS, MemberInfo, NEXT_HOP_ENTRIES, NextHop, NextHopKey,
+    RING_SLOTS, ReverseNat, STAT_COUNT, VipInfo, VipKey,
 };
 
 /// VIP:port:protocol -> listener.
@@ -48,6 +48,11 @@ pub static LB_CT_SYN: LruHashMap<FlowKey, FlowState> =
 #[map(name = "LB_CT_SYN_REV")]
 pub static LB_CT_SYN_REV: LruHashMap<FlowKey, ReverseNat> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+/// Cached FIB answers (see `NEXT_HOP_TTL_NS`).
+#[map(name = "LB_NEXTHOP")]
+pub static LB_NEXTHOP: LruHashMap<NextHopKey, NextHop> =
+    LruHashMap::with_max_entries(NEXT_HOP_ENTRIES, 0);
 
 /// Opened/closed flow counts: member id, then `MAX_MEMBERS + listener id`.
 #[map(name = "LB_CONNS")]
