@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use common::{
     daemon::*,
     topology::{self, Topology, VIP, member_addr, wait_until},
+    traffic::RequestLoop,
 };
 
 /// delay 2 s, timeout 1 s, rise 1, fall 2: down within 2 x 2 + 1 (+1 slack) = 6 s.
@@ -162,17 +163,7 @@ fn tcp_monitor_fails_over_with_no_lost_request_after_detection() {
     apply(&topo, &daemon, &web(&monitor("TCP", ""), 80, ""));
     wait_status(&daemon, 1, "ONLINE", up_bound());
     // Continuous traffic through the failover, each request on a new connection.
-    let log = topo.path("traffic.log");
-    let stop = topo.path("stop");
-    let script = format!(
-        "import time,urllib.request,os\nout=open('{log}','w')\nwhile not os.path.exists('{stop}'):\n \
-         t=time.monotonic_ns()\n try:\n  b=urllib.request.urlopen('http://{VIP}/',timeout=3).read().decode().strip()\n \
-         except Exception as e:\n  b='FAIL'\n out.write('%d %s\\n'%(t,b)); out.flush(); time.sleep(0.02)\n",
-        log = log.display(),
-        stop = stop.display()
-    );
-    let client = topo.client();
-    topo.spawn(&client, &["/usr/bin/python3", "-c", &script], "traffic.out");
+    let traffic = RequestLoop::start(&mut topo, 20);
     std::thread::sleep(Duration::from_millis(500));
     let killed = lbaas_ctl::datapath::monotonic_ns();
     topo.stop(pids[0], "KILL");
@@ -180,22 +171,13 @@ fn tcp_monitor_fails_over_with_no_lost_request_after_detection() {
     let detected = lbaas_ctl::datapath::monotonic_ns();
     assert_eq!(curls(&topo, 4), ["member-2"; 4]);
     std::thread::sleep(Duration::from_secs(2));
-    std::fs::write(&stop, "").unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let text = topo.log("traffic.log");
-    let requests: Vec<(u64, &str)> = text
-        .lines()
-        .filter_map(|l| {
-            l.split_once(' ')
-                .and_then(|(t, b)| Some((t.parse().ok()?, b)))
-        })
-        .collect();
+    let requests = traffic.stop();
     let failed: Vec<u64> = requests
         .iter()
-        .filter(|r| r.1 == "FAIL")
-        .map(|r| r.0)
+        .filter(|r| r.failed())
+        .map(|r| r.start)
         .collect();
-    let after = requests.iter().filter(|r| r.0 > detected).count();
+    let after = requests.iter().filter(|r| r.start > detected).count();
     println!(
         "{} requests, {} failed, all between the kill and the detection {:.1} s later; {after} after it",
         requests.len(),

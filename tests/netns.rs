@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::daemon::*;
+use common::{
+    daemon::*,
+    traffic::{Request, RequestLoop},
+};
 
 use std::time::Duration;
 
@@ -332,20 +335,7 @@ fn kill_9_of_the_daemon_loses_no_request_and_no_connection() {
     let mut conn = EchoConn::open(&topo, 7000).unwrap();
     let first = conn.member();
     // A request loop through the VIP, each request on a new connection.
-    let log = topo.path("traffic.log");
-    let stop = topo.path("stop");
-    let script = format!(
-        "import time,urllib.request,os\nout=open('{log}','w')\nwhile not os.path.exists('{stop}'):\n \
-         try:\n  b=urllib.request.urlopen('http://{VIP}/',timeout=3).read().decode().strip()\n \
-         except Exception as e:\n  b='FAIL:'+repr(e).replace(' ','_')\n out.write(b+'\\n'); out.flush(); time.sleep(0.01)\n",
-        log = log.display(),
-        stop = stop.display()
-    );
-    let client = topo.client();
-    topo.spawn(&client, &["/usr/bin/python3", "-c", &script], "traffic.out");
-    wait_until(Duration::from_secs(10), "traffic to start", || {
-        topo.log("traffic.log").lines().count() > 5
-    });
+    let traffic = RequestLoop::start(&mut topo, 10);
     let exchange = |conn: &mut EchoConn, n: usize| {
         for i in 0..n {
             assert_eq!(conn.echo(&format!("m{i}")), format!("{first}:m{i}"));
@@ -365,16 +355,18 @@ fn kill_9_of_the_daemon_loses_no_request_and_no_connection() {
         &two_listeners("ROUND_ROBIN", &[(1, ", weight: 3"), (2, ", weight: 2")], ""),
     );
     exchange(&mut conn, 5);
-    std::fs::write(&stop, "").unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let results = topo.log("traffic.log");
-    let total = results.lines().count();
-    let failed: Vec<&str> = results.lines().filter(|l| l.starts_with("FAIL")).collect();
-    assert!(total > 100, "too little traffic: {total}");
+    let requests = traffic.stop();
+    let failed: Vec<&Request> = requests.iter().filter(|r| r.failed()).collect();
+    assert!(
+        requests.len() > 100,
+        "too little traffic: {}",
+        requests.len()
+    );
     assert!(
         failed.is_empty(),
-        "{} of {total} requests failed: {:?}",
+        "{} of {} requests failed: {:?}",
         failed.len(),
+        requests.len(),
         &failed[..failed.len().min(3)]
     );
 }
@@ -577,22 +569,8 @@ fn back_to_back_applies_under_traffic_lose_no_request() {
     let (mut topo, daemon) = lab("loop", 3);
     let all = [(1, ""), (2, ""), (3, "")];
     apply(&topo, &daemon, &two_listeners("ROUND_ROBIN", &all, ""));
-    // The client requests continuously, each request on a new connection, and logs
-    // `start_ns end_ns body-or-FAIL` per request until the stop file appears.
-    let log = topo.path("traffic.log");
-    let stop = topo.path("stop");
-    let script = format!(
-        "import time,urllib.request,os\nout=open('{log}','w')\nwhile not os.path.exists('{stop}'):\n \
-         t=time.monotonic_ns()\n try:\n  b=urllib.request.urlopen('http://{VIP}/',timeout=3).read().decode().strip()\n \
-         except Exception as e:\n  b='FAIL:'+repr(e).replace(' ','_')\n out.write('%d %d %s\\n'%(t,time.monotonic_ns(),b)); out.flush()\n",
-        log = log.display(),
-        stop = stop.display()
-    );
-    let client = topo.client();
-    topo.spawn(&client, &["/usr/bin/python3", "-c", &script], "traffic.out");
-    wait_until(Duration::from_secs(10), "traffic to start", || {
-        topo.log("traffic.log").lines().count() > 5
-    });
+    // The client requests continuously, each request on a new connection.
+    let traffic = RequestLoop::start(&mut topo, 0);
 
     // 100 changes: members leave and come back, weights change.
     let sets: [&[(usize, &str)]; 5] = [
@@ -617,30 +595,13 @@ fn back_to_back_applies_under_traffic_lose_no_request() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(300));
-    std::fs::write(&stop, "").unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-
-    let text = topo.log("traffic.log");
-    let requests: Vec<(u64, u64, &str)> = text
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.splitn(3, ' ');
-            Some((
-                parts.next()?.parse().ok()?,
-                parts.next()?.parse().ok()?,
-                parts.next()?,
-            ))
-        })
-        .collect();
+    let requests = traffic.stop();
     assert!(
         requests.len() > 200,
         "too little traffic to judge: {} requests",
         requests.len()
     );
-    let failed: Vec<_> = requests
-        .iter()
-        .filter(|r| r.2.starts_with("FAIL"))
-        .collect();
+    let failed: Vec<_> = requests.iter().filter(|r| r.failed()).collect();
     assert!(
         failed.is_empty(),
         "{} of {} requests failed: {:?}",
@@ -650,7 +611,7 @@ fn back_to_back_applies_under_traffic_lose_no_request() {
     );
     // A request that started and ended between two applies went to a member of that config.
     let mut judged = 0;
-    for (start, end, body) in &requests {
+    for Request { start, end, body } in &requests {
         if let Some((_, _, allowed)) = windows
             .iter()
             .find(|(from, to, _)| start >= from && end <= to)

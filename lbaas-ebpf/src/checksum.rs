@@ -4,8 +4,9 @@
 //! Values are the raw header words as read from the packet (network byte order in memory);
 //! one's complement arithmetic is byte-order independent, so no swapping is needed.
 
+/// Folds a 32-bit one's complement sum to 16 bits.
 #[inline(always)]
-fn fold(mut sum: u32) -> u16 {
+pub fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum as u16

@@ -11,6 +11,7 @@ use aya_ebpf::{
 use lbaas_common::{IPPROTO_TCP, STAT_DROP_CONN_LIMIT, STAT_REFUSED_RST};
 
 use crate::{
+    checksum::fold,
     maps,
     parse::{Packet, TCP_ACK, TCP_RST, ip, l4, read, write},
 };
@@ -28,14 +29,6 @@ pub fn connection(ctx: &XdpContext, pkt: &Packet) -> Result<u32, ()> {
     let action = reset(ctx, pkt)?;
     maps::count(STAT_REFUSED_RST);
     Ok(action)
-}
-
-/// Folds a 32-bit one's complement sum to 16 bits.
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
 }
 
 /// Turns the SYN in place into the RST|ACK that answers it, and sends it back.

@@ -5,3 +5,4 @@ pub mod daemon;
 pub mod frames;
 pub mod pktns;
 pub mod topology;
+pub mod traffic;
