@@ -812,3 +812,62 @@ fn pins_of_another_layout_are_replaced_and_the_cost_is_said() {
     assert!(current.join("LB_VIPS").exists());
     assert_eq!(curls(&topo, 2), ["member-1"; 2]);
 }
+
+#[test]
+fn octavia_statistics_add_up_from_members_to_the_load_balancer() {
+    let (topo, daemon) = lab("stats", 2);
+    apply(
+        &topo,
+        &daemon,
+        &two_listeners("ROUND_ROBIN", &[(1, ""), (2, "")], ""),
+    );
+    assert_eq!(curls(&topo, 6).len(), 6);
+    let held: Vec<EchoConn> = (0..3)
+        .map(|_| EchoConn::open(&topo, 7000).unwrap())
+        .collect();
+    let mut held = held;
+    for c in &mut held {
+        c.member();
+    }
+    let stats: serde_json::Value =
+        serde_json::from_str(&ctl_ok(&daemon, &["stats", "lb1", "-o", "json"])).unwrap();
+    let find = |name: &str| {
+        stats["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {stats}"))
+    };
+    let num = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap();
+    let (lb, web, echo) = (find("lb1"), find("lb1/web"), find("lb1/echo"));
+    assert_eq!(num(&web, "total_connections"), 6);
+    assert_eq!(num(&echo, "total_connections"), 3);
+    assert_eq!(num(&echo, "active_connections"), 3, "the held connections");
+    assert_eq!(num(&lb, "total_connections"), 9);
+    assert_eq!(
+        num(&lb, "bytes_in"),
+        num(&web, "bytes_in") + num(&echo, "bytes_in")
+    );
+    let pool = find("lb1/web");
+    let m1 = find(&format!("lb1/web/{}:80", member_addr(1)));
+    let m2 = find(&format!("lb1/web/{}:80", member_addr(2)));
+    assert_eq!(
+        num(&m1, "total_connections") + num(&m2, "total_connections"),
+        6
+    );
+    assert_eq!(
+        num(&m1, "bytes_out") + num(&m2, "bytes_out"),
+        num(&pool, "bytes_out")
+    );
+    assert!(
+        num(&pool, "bytes_out") > 6 * 10,
+        "the six pages came back through the LB"
+    );
+    let table = ctl_ok(&daemon, &["stats", "lb1"]);
+    assert!(
+        table.contains("request_errors") && table.contains("lb1/echo"),
+        "{table}"
+    );
+}

@@ -1199,3 +1199,80 @@ fn a_changed_neighbour_is_followed_within_the_next_hop_ttl() {
         &dnat(&data, M1, new_mac, 8080),
     );
 }
+
+/// Listener and member counters move by exactly what the frames carry: packets, IP bytes each
+/// way, one new connection.
+#[test]
+fn counters_move_by_exactly_what_the_frames_imply() {
+    let ns = NetNs::enter();
+    let mut lb = Lb::new(TWO_MEMBERS);
+    let syn = to_vip(40000);
+    let ack = Frame {
+        tcp_flags: 0x10,
+        ..to_vip(40000)
+    };
+    let data = Frame {
+        tcp_flags: 0x18,
+        payload: vec![b'x'; 64],
+        ..to_vip(40000)
+    };
+    for f in [&syn, &ack, &data] {
+        assert_eq!(lb.run(&f.build(), ns.lan).0, XDP_REDIRECT);
+    }
+    let reply = Frame {
+        tcp_flags: 0x18,
+        payload: b"hello".to_vec(),
+        src_mac: M1_MAC,
+        dst_mac: MEM_MAC,
+        ..Frame::tcp((M1, 8080), (CLIENT, 40000))
+    };
+    assert_eq!(lb.run(&reply.build(), ns.mem).0, XDP_REDIRECT);
+    let web = ListenerRef {
+        loadbalancer: "lb".into(),
+        listener: "web".into(),
+    };
+    let listener = lb
+        .datapath
+        .listener_stats(lb.programmer.listener_id(&web).unwrap())
+        .unwrap();
+    let m1 = lbaas_ctl::compile::MemberRef {
+        loadbalancer: "lb".into(),
+        pool: "web".into(),
+        addr: M1,
+        port: 8080,
+    };
+    let member = lb
+        .datapath
+        .member_stats(lb.programmer.member_id(&m1).unwrap())
+        .unwrap();
+    for (what, s) in [("listener", listener), ("member", member)] {
+        assert_eq!((s.packets_in, s.bytes_in), (3, 40 + 40 + 104), "{what} in");
+        assert_eq!((s.packets_out, s.bytes_out), (1, 45), "{what} out");
+        assert_eq!(s.new_flows, 1, "{what} connections");
+    }
+    let m2 = lbaas_ctl::compile::MemberRef {
+        loadbalancer: "lb".into(),
+        pool: "web".into(),
+        addr: M2,
+        port: 8080,
+    };
+    assert_eq!(
+        lb.datapath
+            .member_stats(lb.programmer.member_id(&m2).unwrap())
+            .unwrap(),
+        Default::default()
+    );
+    // A reused member id starts from zero.
+    lb.apply("[{address: 10.2.0.12, protocol_port: 8080}]");
+    let late = Instant::now() + DEFAULT_DRAIN_TIMEOUT;
+    lb.programmer
+        .release_drained(lb.datapath.tables(), late)
+        .unwrap();
+    lb.apply(TWO_MEMBERS);
+    assert_eq!(
+        lb.datapath
+            .member_stats(lb.programmer.member_id(&m1).unwrap())
+            .unwrap(),
+        Default::default()
+    );
+}

@@ -46,13 +46,16 @@ pub const MAP_EXPIRED: &str = "LB_EXPIRED";
 /// Name of the next-hop cache: [`NextHopKey`] -> [`NextHop`] (LRU), so that a packet costs a
 /// hash lookup instead of a FIB lookup; entries are trusted for [`NEXT_HOP_TTL_NS`].
 pub const MAP_NEXT_HOP: &str = "LB_NEXTHOP";
+/// Name of the per-CPU member counters: member id -> [`ListenerStats`] (same fields).
+pub const MAP_MEMBER_STATS: &str = "LB_MSTATS";
 /// Name of the per-CPU listener counters: listener id -> [`ListenerStats`].
 pub const MAP_LISTENER_STATS: &str = "LB_LSTATS";
 /// Name of the per-CPU global counters: stat index (`STAT_*`) -> u64.
 pub const MAP_GLOBAL_STATS: &str = "LB_GSTATS";
 
 /// Every map, e.g. to pin them all.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
+    MAP_MEMBER_STATS,
     MAP_NEXT_HOP,
     MAP_VIPS,
     MAP_MEMBERS,
@@ -271,8 +274,8 @@ pub struct ReverseNat {
     pub client_mac: [u8; 6],
     /// This node's MAC on that interface, as the client's first packet was sent to it.
     pub local_mac: [u8; 6],
-    /// Explicit padding; always zero.
-    pub _pad2: u32,
+    /// Member the flow was given (for its counters).
+    pub member_id: u32,
 }
 
 /// Per-CPU counters of one listener.

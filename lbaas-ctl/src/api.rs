@@ -77,6 +77,25 @@ pub struct ListenerCounters {
     pub refused_connections: u64,
 }
 
+/// Octavia's statistics of one object (`GET /v2/lbaas/.../stats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectStats {
+    /// `loadbalancer`, `listener`, `pool` or `member`.
+    pub kind: String,
+    /// Path: `lb`, `lb/listener`, `lb/pool`, `lb/pool/address:port`.
+    pub name: String,
+    /// Open connections (flows) now.
+    pub active_connections: u64,
+    /// IP bytes from clients.
+    pub bytes_in: u64,
+    /// IP bytes to clients.
+    pub bytes_out: u64,
+    /// Connections (flows) handled.
+    pub total_connections: u64,
+    /// Failed requests (HTTP listeners; always 0 for L4).
+    pub request_errors: u64,
+}
+
 /// Body of `GET /v1/stats`.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct StatsResponse {
@@ -84,6 +103,9 @@ pub struct StatsResponse {
     pub datapath: Vec<(String, u64)>,
     /// Per-listener counters.
     pub listeners: Vec<ListenerCounters>,
+    /// Octavia's statistics of every load balancer, listener, pool and member.
+    #[serde(default)]
+    pub objects: Vec<ObjectStats>,
 }
 
 /// An API failure as the handler reports it.

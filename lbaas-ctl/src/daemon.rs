@@ -102,6 +102,15 @@ pub fn read_state(path: &Path) -> anyhow::Result<State> {
     }
 }
 
+/// Adds one object's figures to a total.
+fn add(total: &mut api::ObjectStats, o: &api::ObjectStats) {
+    total.active_connections += o.active_connections;
+    total.bytes_in += o.bytes_in;
+    total.bytes_out += o.bytes_out;
+    total.total_connections += o.total_connections;
+    total.request_errors += o.request_errors;
+}
+
 /// Writes a file atomically: temporary file, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
@@ -313,6 +322,85 @@ impl Controller {
         write_atomic(&self.state_path, &bytes).map_err(|e| fail(&self.state_path, e.to_string()))
     }
 
+    /// Octavia's statistics: members from their data-path counters, pools as the sum of
+    /// their members, listeners from theirs, load balancers as the sum of their listeners.
+    fn octavia_stats(&self) -> Result<Vec<api::ObjectStats>, crate::datapath::DatapathError> {
+        let mut out = Vec::new();
+        for lb in &self.state.config.loadbalancers {
+            let mut lb_total = api::ObjectStats {
+                kind: "loadbalancer".into(),
+                name: lb.name.clone(),
+                ..Default::default()
+            };
+            let mut listeners = Vec::new();
+            for l in &lb.listeners {
+                let key = ListenerRef {
+                    loadbalancer: lb.name.clone(),
+                    listener: l.name.clone(),
+                };
+                let Some(id) = self.programmer.listener_id(&key) else {
+                    continue;
+                };
+                let s = self.datapath.listener_stats(id)?;
+                let o = api::ObjectStats {
+                    kind: "listener".into(),
+                    name: format!("{}/{}", lb.name, l.name),
+                    active_connections: self
+                        .datapath
+                        .active_flows(lbaas_common::MAX_MEMBERS + id)?,
+                    bytes_in: s.bytes_in,
+                    bytes_out: s.bytes_out,
+                    total_connections: s.new_flows,
+                    request_errors: 0,
+                };
+                add(&mut lb_total, &o);
+                listeners.push(o);
+            }
+            out.push(lb_total);
+            out.extend(listeners);
+            for pool in &lb.pools {
+                let mut pool_total = api::ObjectStats {
+                    kind: "pool".into(),
+                    name: format!("{}/{}", lb.name, pool.name),
+                    ..Default::default()
+                };
+                let mut members = Vec::new();
+                for m in &pool.members {
+                    let (Some(addr), Ok(port)) = (m.ipv4(), u16::try_from(m.protocol_port)) else {
+                        continue;
+                    };
+                    let key = MemberRef {
+                        loadbalancer: lb.name.clone(),
+                        pool: pool.name.clone(),
+                        addr,
+                        port,
+                    };
+                    let Some(id) = self.programmer.member_id(&key) else {
+                        continue;
+                    };
+                    let s = self.datapath.member_stats(id)?;
+                    let o = api::ObjectStats {
+                        kind: "member".into(),
+                        name: format!(
+                            "{}/{}/{}:{}",
+                            lb.name, pool.name, m.address, m.protocol_port
+                        ),
+                        active_connections: self.datapath.active_flows(id)?,
+                        bytes_in: s.bytes_in,
+                        bytes_out: s.bytes_out,
+                        total_connections: s.new_flows,
+                        request_errors: 0,
+                    };
+                    add(&mut pool_total, &o);
+                    members.push(o);
+                }
+                out.push(pool_total);
+                out.extend(members);
+            }
+        }
+        Ok(out)
+    }
+
     fn stats(&self) -> Result<StatsResponse, ApiError> {
         let fail = |e: crate::datapath::DatapathError| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -345,7 +433,9 @@ impl Controller {
                 });
             }
         }
+        let objects = self.octavia_stats().map_err(fail)?;
         Ok(StatsResponse {
+            objects,
             datapath: GLOBAL_STAT_NAMES
                 .iter()
                 .zip(global)

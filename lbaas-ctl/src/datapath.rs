@@ -256,6 +256,19 @@ pub struct Datapath {
     reused_maps: bool,
 }
 
+/// Per-CPU counters summed.
+fn sum_stats(values: &aya::maps::PerCpuValues<ListenerStats>) -> ListenerStats {
+    values.iter().fold(ListenerStats::default(), |mut sum, v| {
+        sum.packets_in += v.packets_in;
+        sum.bytes_in += v.bytes_in;
+        sum.packets_out += v.packets_out;
+        sum.bytes_out += v.bytes_out;
+        sum.new_flows += v.new_flows;
+        sum.refused += v.refused;
+        sum
+    })
+}
+
 /// Now on the clock `bpf_ktime_get_ns()` reads (CLOCK_MONOTONIC), in ns.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -275,6 +288,7 @@ pub struct KernelTables {
     rr: Array<MapData, u64>,
     conns: Array<MapData, FlowCounters>,
     expired: Array<MapData, u64>,
+    member_stats: PerCpuArray<MapData, ListenerStats>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -347,6 +361,7 @@ impl Datapath {
             rr: take(&mut ebpf, MAP_RR)?,
             conns: take(&mut ebpf, MAP_CONNS)?,
             expired: take(&mut ebpf, MAP_EXPIRED)?,
+            member_stats: take(&mut ebpf, lbaas_common::MAP_MEMBER_STATS)?,
         };
         Ok(Self {
             conntrack: take(&mut ebpf, MAP_CONNTRACK)?,
@@ -555,19 +570,24 @@ impl Datapath {
 
     /// A listener's counters, summed over CPUs.
     pub fn listener_stats(&self, listener_id: u32) -> Result<ListenerStats, DatapathError> {
-        let map: PerCpuArray<&MapData, ListenerStats> = self.per_cpu(MAP_LISTENER_STATS)?;
-        let values = map
-            .get(&listener_id, 0)
-            .map_err(map_error(MAP_LISTENER_STATS))?;
-        Ok(values.iter().fold(ListenerStats::default(), |mut sum, v| {
-            sum.packets_in += v.packets_in;
-            sum.bytes_in += v.bytes_in;
-            sum.packets_out += v.packets_out;
-            sum.bytes_out += v.bytes_out;
-            sum.new_flows += v.new_flows;
-            sum.refused += v.refused;
-            sum
-        }))
+        self.summed(MAP_LISTENER_STATS, listener_id)
+    }
+
+    /// A member's counters, summed over CPUs (`refused` stays zero: refusals are per listener).
+    pub fn member_stats(&self, member_id: u32) -> Result<ListenerStats, DatapathError> {
+        let name = lbaas_common::MAP_MEMBER_STATS;
+        let values = self
+            .tables
+            .member_stats
+            .get(&member_id, 0)
+            .map_err(map_error(name))?;
+        Ok(sum_stats(&values))
+    }
+
+    fn summed(&self, name: &'static str, index: u32) -> Result<ListenerStats, DatapathError> {
+        let map: PerCpuArray<&MapData, ListenerStats> = self.per_cpu(name)?;
+        let values = map.get(&index, 0).map_err(map_error(name))?;
+        Ok(sum_stats(&values))
     }
 
     /// Active flows of a member id, or of `MAX_MEMBERS + listener id`: opened - closed -
@@ -720,6 +740,21 @@ impl Tables for KernelTables {
     }
 
     fn reset_conn_counters(&mut self, slot: u32) -> Result<(), TableError> {
+        if slot < MAX_MEMBERS {
+            // A reused member id starts its traffic counters afresh too.
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| TableError::Map {
+                map: lbaas_common::MAP_MEMBER_STATS,
+                message: e.to_string(),
+            })?;
+            let zeros = aya::maps::PerCpuValues::try_from(vec![ListenerStats::default(); cpus])
+                .map_err(|e| TableError::Map {
+                    map: lbaas_common::MAP_MEMBER_STATS,
+                    message: e.to_string(),
+                })?;
+            self.member_stats
+                .set(slot, zeros, 0)
+                .map_err(map_err(lbaas_common::MAP_MEMBER_STATS))?;
+        }
         self.expired.set(slot, 0, 0).map_err(map_err(MAP_EXPIRED))?;
         self.conns
             .set(slot, FlowCounters::default(), 0)

@@ -131,11 +131,17 @@ enum Command {
         #[arg(long)]
         pin_path: Option<PathBuf>,
     },
-    /// Show data-path counters per listener.
+    /// Show Octavia's statistics (load balancers, listeners, pools, members) and the data
+    /// path's counters.
     Stats {
+        /// Only this load balancer.
+        name: Option<String>,
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
+        /// Refresh every 2 seconds until interrupted.
+        #[arg(long)]
+        watch: bool,
     },
 }
 
@@ -366,21 +372,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_changes(&response.changes, "no changes");
             Ok(())
         }
-        Command::Stats { output } => {
+        Command::Stats {
+            name,
+            output,
+            watch,
+        } => loop {
             let stats = client.stats().await?;
+            if watch {
+                print!("\x1b[2J\x1b[H");
+            }
             match output {
                 Format::Table => {
+                    print!(
+                        "{}",
+                        render::object_stats_rows(&stats, name.as_deref()).to_table()
+                    );
+                    println!();
                     print!("{}", render::stats_rows(&stats).to_table());
                     println!();
-                    for (name, value) in &stats.datapath {
-                        println!("{name:<20} {value}");
+                    for (counter, value) in &stats.datapath {
+                        println!("{counter:<20} {value}");
                     }
                 }
                 Format::Json => println!("{}", serde_json::to_string_pretty(&stats)?),
                 Format::Yaml => print!("{}", serde_yaml_ng::to_string(&stats)?),
             }
-            Ok(())
-        }
+            if !watch {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        },
     }
 }
 

@@ -166,6 +166,38 @@ pub fn rows(config: &Config, kind: Kind, status: Option<&StatusResponse>) -> Row
     out
 }
 
+/// Octavia's statistics as rows, optionally of one load balancer only.
+pub fn object_stats_rows(stats: &StatsResponse, loadbalancer: Option<&str>) -> Rows {
+    let mut out = Rows {
+        headers: vec![
+            "kind",
+            "name",
+            "active_connections",
+            "bytes_in",
+            "bytes_out",
+            "total_connections",
+            "request_errors",
+        ],
+        rows: Vec::new(),
+    };
+    for o in &stats.objects {
+        let lb = o.name.split('/').next().unwrap_or("");
+        if loadbalancer.is_some_and(|want| want != lb) {
+            continue;
+        }
+        out.rows.push(vec![
+            o.kind.clone().into(),
+            o.name.clone().into(),
+            o.active_connections.into(),
+            o.bytes_in.into(),
+            o.bytes_out.into(),
+            o.total_connections.into(),
+            o.request_errors.into(),
+        ]);
+    }
+    out
+}
+
 /// The rows of `stats`.
 pub fn stats_rows(stats: &StatsResponse) -> Rows {
     let mut out = Rows {

@@ -34,7 +34,7 @@ pub fn to_member(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<u32, (
         Some(member) => Some(member),
         None => half_open_member(ctx, &flow, pkt, vip),
     };
-    let (member, new_flow) = match known {
+    let ((member_id, member), new_flow) = match known {
         Some(member) => (member, false),
         None => {
             if vip.conn_limit != 0
@@ -55,6 +55,7 @@ pub fn to_member(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<u32, (
         }
     };
     maps::count_listener(vip.listener_id, Direction::In, pkt.tot_len, new_flow);
+    maps::count_member(member_id, Direction::In, pkt.tot_len, new_flow);
     egress::rewrite_and_send(
         ctx,
         pkt,
@@ -99,7 +100,7 @@ pub fn close_flow(state: *mut FlowState) {
 /// The member an existing flow is pinned to, if that member is still configured and the flow
 /// is not a closed one being reopened by a new SYN.
 #[inline(always)]
-fn established_member(flow: &FlowKey, pkt: &Packet) -> Option<MemberInfo> {
+fn established_member(flow: &FlowKey, pkt: &Packet) -> Option<(u32, MemberInfo)> {
     let state = LB_CT.get_ptr_mut(flow)?;
     // SAFETY: a live map value; fields other than `state` and `last_seen_ns` never change.
     let (member_id, generation, flags, last_seen) = unsafe {
@@ -130,7 +131,7 @@ fn established_member(flow: &FlowKey, pkt: &Packet) -> Option<MemberInfo> {
         // SAFETY: a live map value; a racing refresh from another CPU writes a similar time.
         unsafe { (*state).last_seen_ns = now };
     }
-    Some(*member)
+    Some((member_id, *member))
 }
 
 /// A half-open TCP flow's member: a retransmitted SYN goes where the first went; any other
@@ -142,7 +143,7 @@ fn half_open_member(
     flow: &FlowKey,
     pkt: &Packet,
     vip: &VipInfo,
-) -> Option<MemberInfo> {
+) -> Option<(u32, MemberInfo)> {
     if pkt.proto != IPPROTO_TCP {
         return None;
     }
@@ -154,10 +155,10 @@ fn half_open_member(
         return None;
     }
     if pkt.is_syn() {
-        return Some(member);
+        return Some((state.member_id, member));
     }
     let reply = reply_key(&member, pkt);
-    let nat = reverse_nat(ctx, pkt, vip);
+    let nat = reverse_nat(ctx, pkt, vip, state.member_id);
     LB_CT_REV.insert(reply, nat, 0).ok()?;
     LB_CT.insert(flow, state, 0).ok()?;
     let _ = LB_CT_SYN_REV.remove(reply);
@@ -169,7 +170,7 @@ fn half_open_member(
     {
         close_flow(state);
     }
-    Some(member)
+    Some((state.member_id, member))
 }
 
 /// The key a member's replies to this client carry.
@@ -188,7 +189,7 @@ fn reply_key(member: &MemberInfo, pkt: &Packet) -> FlowKey {
 /// How a member's replies are made to come from the VIP, and the client's L2 address as a
 /// fallback next hop.
 #[inline(always)]
-fn reverse_nat(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> ReverseNat {
+fn reverse_nat(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo, member_id: u32) -> ReverseNat {
     ReverseNat {
         vip_addr: pkt.dst_addr,
         vip_port: pkt.dst_port,
@@ -197,7 +198,7 @@ fn reverse_nat(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> ReverseNat {
         client_ifindex: ctx.ingress_ifindex() as u32,
         client_mac: pkt.src_mac,
         local_mac: pkt.dst_mac,
-        _pad2: 0,
+        member_id,
     }
 }
 
@@ -278,7 +279,7 @@ fn new_flow_member(
     flow: &FlowKey,
     pkt: &Packet,
     vip: &VipInfo,
-) -> Option<MemberInfo> {
+) -> Option<(u32, MemberInfo)> {
     if vip.ring_len == 0 {
         return None;
     }
@@ -296,17 +297,17 @@ fn new_flow_member(
         last_seen_ns: unsafe { bpf_ktime_get_ns() },
     };
     let reply = reply_key(&member, pkt);
-    let nat = reverse_nat(ctx, pkt, vip);
+    let nat = reverse_nat(ctx, pkt, vip, member_id);
     // Reverse entry first: a reply can never find a flow without its way back.
     if pkt.proto == IPPROTO_TCP {
         // Half-open until the client's next packet: a SYN flood churns only these tables.
         LB_CT_SYN_REV.insert(reply, nat, 0).ok()?;
         LB_CT_SYN.insert(flow, state, 0).ok()?;
-        return Some(member);
+        return Some((member_id, member));
     }
     LB_CT_REV.insert(reply, nat, 0).ok()?;
     LB_CT.insert(flow, state, 0).ok()?;
     maps::count_flow(member_id, true);
     maps::count_flow(maps::listener_slot(vip.listener_id), true);
-    Some(member)
+    Some((member_id, member))
 }

@@ -62,6 +62,10 @@ pub static LB_CONNS: Array<FlowCounters> = Array::with_max_entries(CONN_COUNTER_
 #[map(name = "LB_EXPIRED")]
 pub static LB_EXPIRED: Array<u64> = Array::with_max_entries(CONN_COUNTER_SLOTS, 0);
 
+/// Per-CPU counters per member (refused stays zero).
+#[map(name = "LB_MSTATS")]
+pub static LB_MSTATS: PerCpuArray<ListenerStats> = PerCpuArray::with_max_entries(MAX_MEMBERS, 0);
+
 /// Per-CPU counters per listener.
 #[map(name = "LB_LSTATS")]
 pub static LB_LSTATS: PerCpuArray<ListenerStats> = PerCpuArray::with_max_entries(MAX_LISTENERS, 0);
@@ -123,7 +127,24 @@ pub enum Direction {
 /// Adds one packet of `bytes` IP bytes to a listener's counters.
 #[inline(always)]
 pub fn count_listener(listener_id: u32, dir: Direction, bytes: u16, new_flow: bool) {
-    if let Some(stats) = LB_LSTATS.get_ptr_mut(listener_id) {
+    count_in(&LB_LSTATS, listener_id, dir, bytes, new_flow);
+}
+
+/// Adds one packet of `bytes` IP bytes to a member's counters.
+#[inline(always)]
+pub fn count_member(member_id: u32, dir: Direction, bytes: u16, new_flow: bool) {
+    count_in(&LB_MSTATS, member_id, dir, bytes, new_flow);
+}
+
+#[inline(always)]
+fn count_in(
+    map: &PerCpuArray<ListenerStats>,
+    index: u32,
+    dir: Direction,
+    bytes: u16,
+    new_flow: bool,
+) {
+    if let Some(stats) = map.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         let stats = unsafe { &mut *stats };
         match dir {

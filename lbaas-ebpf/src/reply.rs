@@ -38,6 +38,7 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, ()> {
         }
     }
     maps::count_listener(nat.listener_id, Direction::Out, pkt.tot_len, false);
+    maps::count_member(nat.member_id, Direction::Out, pkt.tot_len, false);
     egress::rewrite_and_send(
         ctx,
         pkt,
