@@ -871,3 +871,80 @@ fn octavia_statistics_add_up_from_members_to_the_load_balancer() {
         "{table}"
     );
 }
+
+#[test]
+fn prometheus_metrics_match_the_stats() {
+    topology::require_root();
+    let mut topo = Topology::new("metrics", 2);
+    topo.start_http_member(1);
+    topo.start_http_member(2);
+    let daemon = start_daemon_with(&mut topo, "state", &["--metrics", "127.0.0.1:9109"]);
+    ctl_ok(
+        &daemon,
+        &[
+            "apply",
+            "-f",
+            &write_config(&topo, "lb.yaml", &http_pool(&[1, 2])),
+        ],
+    );
+    assert_eq!(curls(&topo, 5).len(), 5);
+    let out = topo.exec(
+        &topo.lb(),
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:9109/metrics",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Every sample line is `name{labels} number`; families are announced.
+    let mut samples = std::collections::BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        samples.insert(name.to_string(), value);
+    }
+    assert!(text.contains("# TYPE lbaas_listener_total_connections_total counter"));
+    assert_eq!(
+        samples["lbaas_listener_total_connections_total{loadbalancer=\"lb1\",listener=\"web\"}"],
+        5.0,
+        "{text}"
+    );
+    assert_eq!(
+        samples["lbaas_loadbalancer_total_connections_total{loadbalancer=\"lb1\"}"],
+        5.0
+    );
+    let m1 = format!(
+        "lbaas_member_up{{loadbalancer=\"lb1\",pool=\"web-pool\",member=\"{}:80\"}}",
+        member_addr(1)
+    );
+    assert_eq!(samples[&m1], 1.0, "{text}");
+    assert_eq!(samples["lbaas_applies_total"], 1.0);
+    let stats: serde_json::Value =
+        serde_json::from_str(&ctl_ok(&daemon, &["stats", "-o", "json"])).unwrap();
+    let lb = stats["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "lb1")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        samples["lbaas_loadbalancer_bytes_in_total{loadbalancer=\"lb1\"}"],
+        lb["bytes_in"].as_f64().unwrap()
+    );
+}

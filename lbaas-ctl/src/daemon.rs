@@ -19,6 +19,7 @@ use crate::{
     datapath::{self as dp, AttachMode, Datapath, ExpiryPolicy, GLOBAL_STAT_NAMES, LoadOptions},
     diff::{self, Change},
     health::{self, Monitors, Transition},
+    metrics::{self, DaemonFigures},
     net::VipAddresses,
     status::{self, MemberHealth, StatusResponse},
 };
@@ -44,6 +45,8 @@ pub struct Options {
     pub member_drain_timeout: std::time::Duration,
     /// A group whose members may use the API socket too (mode 0660 instead of 0600).
     pub socket_group: Option<u32>,
+    /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
     /// On SIGTERM/SIGINT, detach the program and remove pins and VIP addresses (by default
     /// they stay, so a restart or an upgrade loses no flow).
     pub cleanup_on_exit: bool,
@@ -82,6 +85,8 @@ struct Controller {
     health: BTreeMap<MemberRef, MemberHealth>,
     /// Monitored members that failed their checks.
     down: BTreeSet<MemberRef>,
+    /// Figures for the metrics.
+    figures: DaemonFigures,
     state: State,
     addresses: VipAddresses,
     state_path: PathBuf,
@@ -136,6 +141,17 @@ fn vips(config: &Config) -> BTreeSet<Ipv4Addr> {
 impl Controller {
     /// Programs the data path and the addresses for `new`, then persists it.
     async fn commit(&mut self, new: Config) -> Result<Vec<Change>, ApiError> {
+        let started = std::time::Instant::now();
+        self.figures.applies += 1;
+        let result = self.commit_inner(new).await;
+        self.figures.apply_seconds_sum += started.elapsed().as_secs_f64();
+        if result.is_err() {
+            self.figures.apply_failures += 1;
+        }
+        result
+    }
+
+    async fn commit_inner(&mut self, new: Config) -> Result<Vec<Change>, ApiError> {
         let errors = config::validate(&new);
         if !errors.is_empty() {
             return Err(ApiError {
@@ -168,7 +184,12 @@ impl Controller {
                 self.datapath.tables(),
                 &compile::desired(&new, self.compile, &self.down),
             )
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            .map_err(|e| {
+                if matches!(e, compile::TableError::Map { .. }) {
+                    self.figures.map_update_errors += 1;
+                }
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            })?;
         self.sync_addresses(&vips(&new)).await?;
         self.state.config = new;
         self.persist()?;
@@ -191,7 +212,11 @@ impl Controller {
     /// The periodic chores: interfaces that came back, idle flows, drained members.
     async fn housekeeping(&mut self, client_interface: &str, policy: &ExpiryPolicy) {
         self.check_interfaces(client_interface).await;
-        match self.datapath.expire_flows(dp::monotonic_ns(), policy) {
+        let swept = self.datapath.expire_flows(dp::monotonic_ns(), policy);
+        if let Ok(r) = &swept {
+            self.figures.conntrack_entries = (r.scanned - r.removed) as u64;
+        }
+        match swept {
             Ok(r) if r.removed > 0 => {
                 tracing::debug!(
                     scanned = r.scanned,
@@ -492,6 +517,49 @@ impl api::Handler for Daemon {
     }
 }
 
+/// Serves `GET /metrics` in Prometheus text format.
+async fn serve_metrics(listener: tokio::net::TcpListener, daemon: Arc<Daemon>) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(
+                move |request: hyper::Request<hyper::body::Incoming>| {
+                    let daemon = daemon.clone();
+                    async move {
+                        let response = if request.uri().path() == "/metrics" {
+                            let controller = daemon.controller.lock().await;
+                            let body = match controller.stats() {
+                                Ok(stats) => {
+                                    let status =
+                                        status::tree(&controller.state.config, &controller.health);
+                                    metrics::render(&stats, &status, &controller.figures)
+                                }
+                                Err(e) => format!("# error: {}\n", e.message),
+                            };
+                            hyper::Response::builder()
+                                .header("content-type", "text/plain; version=0.0.4")
+                                .body(Full::new(Bytes::from(body)))
+                        } else {
+                            hyper::Response::builder()
+                                .status(StatusCode::NOT_FOUND)
+                                .body(Full::new(Bytes::from_static(b"see /metrics\n")))
+                        };
+                        Ok::<_, std::convert::Infallible>(response.expect("static response parts"))
+                    }
+                },
+            );
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 fn warn_if_not_forwarding() {
     match std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward") {
         Ok(v) if v.trim() == "1" => {}
@@ -569,6 +637,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         monitors: Monitors::new(transitions_tx),
         health: BTreeMap::new(),
         down: BTreeSet::new(),
+        figures: DaemonFigures {
+            conntrack_size: u64::from(options.load.conntrack_size),
+            ..DaemonFigures::default()
+        },
         datapath,
         programmer,
         state: State {
@@ -642,6 +714,17 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         })
     };
 
+    let metrics = match options.metrics {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+            tracing::info!(%addr, "Prometheus metrics at /metrics");
+            Some(tokio::spawn(serve_metrics(listener, daemon.clone())))
+        }
+        None => None,
+    };
+
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
     tokio::select! {
@@ -651,6 +734,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
 
     sweeper.abort();
+    if let Some(task) = metrics {
+        task.abort();
+    }
     health_task.abort();
     let mut controller = daemon.controller.lock().await;
     if options.cleanup_on_exit {

@@ -15,6 +15,7 @@ pub mod datapath;
 pub mod diff;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod net;
 pub mod render;
 pub mod status;

@@ -68,6 +68,10 @@ enum Command {
         /// A group (name or gid) whose members may use the API socket too.
         #[arg(long, value_parser = parse_group)]
         socket_group: Option<u32>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9101; give a
+        /// non-loopback address only on purpose).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
         /// Seconds a removed member keeps serving its open flows at most (it gets no new ones).
         #[arg(long, default_value_t = 300)]
         member_drain_timeout: u64,
@@ -281,6 +285,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pin_path,
             cleanup_on_exit,
             socket_group,
+            metrics,
             log_format,
         } => {
             init_logging(log_format);
@@ -298,6 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 cleanup_on_exit,
                 socket_group,
+                metrics,
                 compile: CompileOptions { maglev_table_size },
                 expiry: ExpiryPolicy {
                     udp_idle: Duration::from_secs(udp_idle_timeout),
