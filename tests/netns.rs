@@ -103,18 +103,7 @@ fn udp_listener_forwards_datagrams_and_replies_come_from_the_vip() {
 
 #[test]
 fn the_lb_host_keeps_working() {
-    topology::require_root();
-    let mut topo = Topology::new("host", 1);
-    topo.start_http_member(1);
-    let daemon = start_daemon(&mut topo, "state");
-    ctl_ok(
-        &daemon,
-        &[
-            "apply",
-            "-f",
-            &write_config(&topo, "lb.yaml", &http_pool(&[1])),
-        ],
-    );
+    let (mut topo, _daemon) = web_lab("host", 1, &[]);
     // A service of the LB host itself, on a port no listener owns, on every address.
     let lb = topo.lb();
     let root = topo.path("hostwww");
@@ -236,19 +225,7 @@ fn apply_changes_members_live_and_invalid_files_change_nothing() {
 
 #[test]
 fn a_restarted_daemon_serves_the_same_vips() {
-    topology::require_root();
-    let mut topo = Topology::new("restart", 2);
-    topo.start_http_member(1);
-    topo.start_http_member(2);
-    let daemon = start_daemon(&mut topo, "state");
-    ctl_ok(
-        &daemon,
-        &[
-            "apply",
-            "-f",
-            &write_config(&topo, "lb.yaml", &http_pool(&[1, 2])),
-        ],
-    );
+    let (mut topo, daemon) = web_lab("restart", 2, &[]);
     assert_eq!(curls(&topo, 2), ["member-1", "member-2"]);
 
     // SIGTERM leaves the data path in place: no daemon, traffic still balanced.
@@ -300,18 +277,7 @@ fn a_restarted_daemon_serves_the_same_vips() {
 
 #[test]
 fn cleanup_on_exit_removes_the_data_path() {
-    topology::require_root();
-    let mut topo = Topology::new("cleanup", 1);
-    topo.start_http_member(1);
-    let daemon = start_daemon_with(&mut topo, "state", &["--cleanup-on-exit"]);
-    ctl_ok(
-        &daemon,
-        &[
-            "apply",
-            "-f",
-            &write_config(&topo, "lb.yaml", &http_pool(&[1])),
-        ],
-    );
+    let (mut topo, daemon) = web_lab("cleanup", 1, &["--cleanup-on-exit"]);
     assert_eq!(curls(&topo, 1), ["member-1"]);
     assert!(topo.stop(daemon.pid, "TERM").success());
     assert!(!vip_on_interface(&topo));
@@ -662,19 +628,7 @@ fn a_removed_member_finishes_its_connection_then_is_released() {
 
 #[test]
 fn interfaces_that_flap_or_are_recreated_get_the_program_back() {
-    topology::require_root();
-    let mut topo = Topology::new("flap", 2);
-    topo.start_http_member(1);
-    topo.start_http_member(2);
-    let daemon = start_daemon(&mut topo, "state");
-    ctl_ok(
-        &daemon,
-        &[
-            "apply",
-            "-f",
-            &write_config(&topo, "lb.yaml", &http_pool(&[1, 2])),
-        ],
-    );
+    let (topo, daemon) = web_lab("flap", 2, &[]);
     assert_eq!(curls(&topo, 2), ["member-1", "member-2"]);
     let lb = topo.lb();
     // Down and up: the attachment and the addresses stay.
@@ -788,18 +742,7 @@ fn the_api_socket_admits_root_and_the_socket_group_only() {
 
 #[test]
 fn pins_of_another_layout_are_replaced_and_the_cost_is_said() {
-    topology::require_root();
-    let mut topo = Topology::new("layout", 1);
-    topo.start_http_member(1);
-    let daemon = start_daemon(&mut topo, "state");
-    ctl_ok(
-        &daemon,
-        &[
-            "apply",
-            "-f",
-            &write_config(&topo, "lb.yaml", &http_pool(&[1])),
-        ],
-    );
+    let (mut topo, daemon) = web_lab("layout", 1, &[]);
     assert!(topo.stop(daemon.pid, "TERM").success());
     // Pretend the pins were left by a build with another layout version.
     let pins = topo.bpffs().join("lbaas");
@@ -874,19 +817,7 @@ fn octavia_statistics_add_up_from_members_to_the_load_balancer() {
 
 #[test]
 fn prometheus_metrics_match_the_stats() {
-    topology::require_root();
-    let mut topo = Topology::new("metrics", 2);
-    topo.start_http_member(1);
-    topo.start_http_member(2);
-    let daemon = start_daemon_with(&mut topo, "state", &["--metrics", "127.0.0.1:9109"]);
-    ctl_ok(
-        &daemon,
-        &[
-            "apply",
-            "-f",
-            &write_config(&topo, "lb.yaml", &http_pool(&[1, 2])),
-        ],
-    );
+    let (topo, daemon) = web_lab("metrics", 2, &["--metrics", "127.0.0.1:9109"]);
     assert_eq!(curls(&topo, 5).len(), 5);
     let out = topo.exec(
         &topo.lb(),

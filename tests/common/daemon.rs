@@ -83,6 +83,27 @@ pub fn http_pool(members: &[usize]) -> String {
     out
 }
 
+/// HTTP servers on `members` members, the daemon (with `daemon_args`), and one TCP
+/// listener on :80 balancing over all of them.
+pub fn web_lab(tag: &str, members: usize, daemon_args: &[&str]) -> (Topology, Daemon) {
+    super::topology::require_root();
+    let mut topo = Topology::new(tag, members);
+    for i in 1..=members {
+        topo.start_http_member(i);
+    }
+    let daemon = start_daemon_with(&mut topo, "state", daemon_args);
+    let all: Vec<usize> = (1..=members).collect();
+    ctl_ok(
+        &daemon,
+        &[
+            "apply",
+            "-f",
+            &write_config(&topo, "lb.yaml", &http_pool(&all)),
+        ],
+    );
+    (topo, daemon)
+}
+
 pub fn vip_on_interface(topo: &Topology) -> bool {
     let out = topo.exec(&topo.lb(), &["ip", "-4", "addr", "show", "dev", "lan0"]);
     String::from_utf8_lossy(&out.stdout).contains(&format!("{VIP}/32"))
