@@ -80,8 +80,14 @@ fn pool_yaml(algorithm: &str) -> String {
     )
 }
 
-fn loaded(yaml: &str) -> (Datapath, Programmer) {
+/// The data path with a configuration applied and the two arms' roles set, as the daemon
+/// does in two-arm mode.
+fn loaded(yaml: &str, ns: &NetNs) -> (Datapath, Programmer) {
     let mut dp = Datapath::load(LoadOptions::default()).expect("load the data path");
+    dp.set_roles(ns.lan, lbaas_common::IFACE_CLIENT)
+        .expect("roles");
+    dp.set_roles(ns.mem, lbaas_common::IFACE_MEMBER)
+        .expect("roles");
     let mut programmer = Programmer::new();
     let config = config::load_str(yaml, "bench").expect("valid");
     programmer
@@ -140,7 +146,7 @@ fn main() {
     let ns = NetNs::enter();
     let mut rows = Vec::new();
 
-    let (mut rr, _) = loaded(&pool_yaml("ROUND_ROBIN"));
+    let (mut rr, _) = loaded(&pool_yaml("ROUND_ROBIN"), &ns);
     rr.load_noop().expect("no-op program");
     let floor_program = rr.noop_program().expect("no-op program");
     let floor_one: f64 = median(
@@ -199,7 +205,7 @@ fn main() {
         "SOURCE_IP",
         "SOURCE_IP_PORT",
     ] {
-        let (dp, _) = loaded(&pool_yaml(algorithm));
+        let (dp, _) = loaded(&pool_yaml(algorithm), &ns);
         let program = dp.program().unwrap();
         let mut round = 0u32;
         let ns_new = median(

@@ -1276,3 +1276,35 @@ fn counters_move_by_exactly_what_the_frames_imply() {
         Default::default()
     );
 }
+
+/// On a client-only interface a packet for no VIP is passed without reverse-NAT lookups: even
+/// one that looks like a member's reply is not rewritten there; on the member side it is.
+#[test]
+fn interface_roles_confine_reverse_nat_to_the_member_side() {
+    let ns = NetNs::enter();
+    let mut lb = Lb::new(TWO_MEMBERS);
+    lb.datapath
+        .set_roles(ns.lan, lbaas_common::IFACE_CLIENT)
+        .unwrap();
+    lb.datapath
+        .set_roles(ns.mem, lbaas_common::IFACE_MEMBER)
+        .unwrap();
+    establish(&lb, 40000, ns.lan);
+    let reply = Frame {
+        tcp_flags: 0x18,
+        src_mac: M1_MAC,
+        dst_mac: MEM_MAC,
+        ..Frame::tcp((M1, 8080), (CLIENT, 40000))
+    };
+    assert_frame(
+        "reply on the client side",
+        lb.run(&reply.build(), ns.lan),
+        XDP_PASS,
+        &reply.build(),
+    );
+    assert_eq!(
+        lb.run(&reply.build(), ns.mem).0,
+        XDP_REDIRECT,
+        "reply on the member side"
+    );
+}

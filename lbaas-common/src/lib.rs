@@ -46,6 +46,16 @@ pub const MAP_EXPIRED: &str = "LB_EXPIRED";
 /// Name of the next-hop cache: [`NextHopKey`] -> [`NextHop`] (LRU), so that a packet costs a
 /// hash lookup instead of a FIB lookup; entries are trusted for [`NEXT_HOP_TTL_NS`].
 pub const MAP_NEXT_HOP: &str = "LB_NEXTHOP";
+/// Name of the interface roles: ifindex -> `IFACE_*` bits. An interface without an entry has
+/// every role.
+pub const MAP_IFACES: &str = "LB_IFACES";
+/// An interface where clients' packets arrive (VIPs are served).
+pub const IFACE_CLIENT: u32 = 1 << 0;
+/// An interface where members' replies arrive (reverse NAT is looked up).
+pub const IFACE_MEMBER: u32 = 1 << 1;
+/// Entries of [`MAP_IFACES`].
+pub const MAX_IFACES: u32 = 256;
+
 /// Name of the per-CPU member counters: member id -> [`ListenerStats`] (same fields).
 pub const MAP_MEMBER_STATS: &str = "LB_MSTATS";
 /// Name of the per-CPU listener counters: listener id -> [`ListenerStats`].
@@ -54,7 +64,8 @@ pub const MAP_LISTENER_STATS: &str = "LB_LSTATS";
 pub const MAP_GLOBAL_STATS: &str = "LB_GSTATS";
 
 /// Every map, e.g. to pin them all.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 15] = [
+    MAP_IFACES,
     MAP_MEMBER_STATS,
     MAP_NEXT_HOP,
     MAP_VIPS,

@@ -9,6 +9,7 @@ use std::{
 
 use anyhow::Context as _;
 use hyper::StatusCode;
+use lbaas_common::{IFACE_CLIENT, IFACE_MEMBER};
 use serde::{Deserialize, Serialize};
 use tokio::{net::UnixListener, signal::unix::SignalKind, sync::Mutex};
 
@@ -610,14 +611,18 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             }
         }
     }
-    let mut interfaces = vec![options.interface.clone()];
+    // Two arms: clients on one interface, members' replies on the other; one arm: both.
+    let mut interfaces = vec![(options.interface.clone(), IFACE_CLIENT | IFACE_MEMBER)];
     if let Some(member) = &options.member_interface
         && member != &options.interface
     {
-        interfaces.push(member.clone());
+        interfaces = vec![
+            (options.interface.clone(), IFACE_CLIENT),
+            (member.clone(), IFACE_MEMBER),
+        ];
     }
-    for interface in &interfaces {
-        let mode = datapath.attach_pinned(interface)?;
+    for (interface, roles) in &interfaces {
+        let mode = datapath.attach_pinned(interface, *roles)?;
         match mode {
             AttachMode::Native => {
                 tracing::info!(%interface, "XDP attached in native (driver) mode")

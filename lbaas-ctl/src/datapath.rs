@@ -246,12 +246,13 @@ pub struct Datapath {
     ebpf: Ebpf,
     tables: KernelTables,
     conntrack: HashMap<MapData, FlowKey, FlowState>,
+    ifaces: HashMap<MapData, u32, u32>,
     reverse: HashMap<MapData, FlowKey, ReverseNat>,
     links: Vec<XdpLinkId>,
     /// Links pinned on bpffs (or taken over from pins): they stay attached without us.
     pinned: Vec<(String, FdLink)>,
-    /// Interfaces attached through [`Datapath::attach_pinned`], with the index they had.
-    attached: Vec<(String, u32)>,
+    /// Interfaces attached through [`Datapath::attach_pinned`]: name, index, `IFACE_*` roles.
+    attached: Vec<(String, u32, u32)>,
     pin_dir: Option<PathBuf>,
     reused_maps: bool,
 }
@@ -365,6 +366,7 @@ impl Datapath {
         };
         Ok(Self {
             conntrack: take(&mut ebpf, MAP_CONNTRACK)?,
+            ifaces: take(&mut ebpf, lbaas_common::MAP_IFACES)?,
             reverse: take(&mut ebpf, MAP_REVERSE)?,
             ebpf,
             tables,
@@ -392,7 +394,32 @@ impl Datapath {
 
     /// Attaches to an interface and pins the link, or, when a previous daemon's link is pinned
     /// there, atomically swaps this program into it (the interface never goes without one).
-    pub fn attach_pinned(&mut self, interface: &str) -> Result<AttachMode, DatapathError> {
+    /// `roles` (`IFACE_*`) tell the data path what arrives there: clients' packets, members'
+    /// replies, or both.
+    pub fn attach_pinned(
+        &mut self,
+        interface: &str,
+        roles: u32,
+    ) -> Result<AttachMode, DatapathError> {
+        let mode = self.attach_pinned_link(interface)?;
+        let ifindex = crate::net::ifindex(interface).map_err(|e| DatapathError::Pin {
+            path: PathBuf::from(interface),
+            message: e.to_string(),
+        })?;
+        self.set_roles(ifindex, roles)?;
+        self.attached.retain(|(name, _, _)| name != interface);
+        self.attached.push((interface.to_string(), ifindex, roles));
+        Ok(mode)
+    }
+
+    /// Records an interface's roles (`IFACE_*`) for the data path.
+    pub fn set_roles(&mut self, ifindex: u32, roles: u32) -> Result<(), DatapathError> {
+        self.ifaces
+            .insert(ifindex, roles, 0)
+            .map_err(map_error(lbaas_common::MAP_IFACES))
+    }
+
+    fn attach_pinned_link(&mut self, interface: &str) -> Result<AttachMode, DatapathError> {
         let Some(dir) = self.pin_dir.clone() else {
             return self.attach(interface);
         };
@@ -401,13 +428,10 @@ impl Datapath {
             path: pin.clone(),
             message,
         };
-        let ifindex = crate::net::ifindex(interface).map_err(|e| pin_error(e.to_string()))?;
         if pin.exists() {
             match self.replace_pinned(&pin) {
                 Ok(fd) => {
                     self.pinned.push((interface.to_string(), fd));
-                    self.attached.retain(|(name, _)| name != interface);
-                    self.attached.push((interface.to_string(), ifindex));
                     return Ok(AttachMode::Replaced);
                 }
                 Err(e) => {
@@ -426,8 +450,6 @@ impl Datapath {
                 let pinned = fd.pin(&pin).map_err(|e| pin_error(e.to_string()))?;
                 self.pinned
                     .push((interface.to_string(), FdLink::from(pinned)));
-                self.attached.retain(|(name, _)| name != interface);
-                self.attached.push((interface.to_string(), ifindex));
             }
             Err(e) => {
                 // A netlink attachment (no bpf_link in this kernel) cannot be pinned.
@@ -453,15 +475,16 @@ impl Datapath {
     /// Returns the interfaces re-attached, with the outcome.
     pub fn reattach_recreated(&mut self) -> Vec<(String, Result<AttachMode, DatapathError>)> {
         let mut out = Vec::new();
-        for (name, index) in self.attached.clone() {
+        for (name, index, roles) in self.attached.clone() {
             let Ok(now) = crate::net::ifindex(&name) else {
                 continue;
             };
             if now == index {
                 continue;
             }
+            let _ = self.ifaces.remove(&index);
             self.pinned.retain(|(n, _)| *n != name);
-            out.push((name.clone(), self.attach_pinned(&name)));
+            out.push((name.clone(), self.attach_pinned(&name, roles)));
         }
         out
     }

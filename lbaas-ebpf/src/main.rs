@@ -20,7 +20,7 @@ mod refuse;
 mod reply;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lbaas_common::{STAT_PASS_NOT_VIP, VipKey};
+use lbaas_common::{IFACE_CLIENT, IFACE_MEMBER, STAT_PASS_NOT_VIP, VipKey};
 
 use crate::parse::{Parsed, parse};
 
@@ -49,7 +49,15 @@ fn try_lbaas_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     if let Some(info) = unsafe { maps::LB_VIPS.get(vip) } {
         return forward::to_member(ctx, &pkt, info);
     }
-    if let Some(action) = reply::to_client(ctx, &pkt)? {
+    // Members' replies arrive only on member-side interfaces: on a client-only interface a
+    // packet for no VIP is passed without the two reverse-NAT lookups.
+    // SAFETY: read-only copy of a plain integer.
+    let roles = unsafe { maps::LB_IFACES.get(ctx.ingress_ifindex() as u32) }
+        .copied()
+        .unwrap_or(IFACE_CLIENT | IFACE_MEMBER);
+    if roles & IFACE_MEMBER != 0
+        && let Some(action) = reply::to_client(ctx, &pkt)?
+    {
         return Ok(action);
     }
     maps::count(STAT_PASS_NOT_VIP);

@@ -8,8 +8,8 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use lbaas_common::{
     CONN_COUNTER_SLOTS, DEFAULT_CONNTRACK_SIZE, FlowCounters, FlowKey, FlowState, ListenerStats,
-    MAX_LISTENERS, MAX_MEMBERS, MAX_VIPS, MemberInfo, NEXT_HOP_ENTRIES, NextHop, NextHopKey,
-    RING_SLOTS, ReverseNat, STAT_COUNT, VipInfo, VipKey,
+    MAX_IFACES, MAX_LISTENERS, MAX_MEMBERS, MAX_VIPS, MemberInfo, NEXT_HOP_ENTRIES, NextHop,
+    NextHopKey, RING_SLOTS, ReverseNat, STAT_COUNT, VipInfo, VipKey,
 };
 
 /// VIP:port:protocol -> listener.
@@ -61,6 +61,10 @@ pub static LB_CONNS: Array<FlowCounters> = Array::with_max_entries(CONN_COUNTER_
 /// Flows the controller expired while idle, same index as `LB_CONNS` (controller-written).
 #[map(name = "LB_EXPIRED")]
 pub static LB_EXPIRED: Array<u64> = Array::with_max_entries(CONN_COUNTER_SLOTS, 0);
+
+/// Interface roles (`IFACE_*`); an interface without an entry has every role.
+#[map(name = "LB_IFACES")]
+pub static LB_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_IFACES, 0);
 
 /// Per-CPU counters per member (refused stays zero).
 #[map(name = "LB_MSTATS")]
