@@ -348,9 +348,13 @@ impl Controller {
         write_atomic(&self.state_path, &bytes).map_err(|e| fail(&self.state_path, e.to_string()))
     }
 
-    /// Octavia's statistics: members from their data-path counters, pools as the sum of
-    /// their members, listeners from theirs, load balancers as the sum of their listeners.
-    fn octavia_stats(&self) -> Result<Vec<api::ObjectStats>, crate::datapath::DatapathError> {
+    /// Octavia's statistics: listeners from their counters (read once, by `stats`), load
+    /// balancers as the sum of their listeners, members from their data-path counters, pools
+    /// as the sum of their members.
+    fn octavia_stats(
+        &self,
+        listener_counters: &[ListenerCounters],
+    ) -> Result<Vec<api::ObjectStats>, crate::datapath::DatapathError> {
         let mut out = Vec::new();
         for lb in &self.state.config.loadbalancers {
             let mut lb_total = api::ObjectStats {
@@ -359,24 +363,17 @@ impl Controller {
                 ..Default::default()
             };
             let mut listeners = Vec::new();
-            for l in &lb.listeners {
-                let key = ListenerRef {
-                    loadbalancer: lb.name.clone(),
-                    listener: l.name.clone(),
-                };
-                let Some(id) = self.programmer.listener_id(&key) else {
-                    continue;
-                };
-                let s = self.datapath.listener_stats(id)?;
+            for c in listener_counters
+                .iter()
+                .filter(|c| c.loadbalancer == lb.name)
+            {
                 let o = api::ObjectStats {
                     kind: "listener".into(),
-                    name: format!("{}/{}", lb.name, l.name),
-                    active_connections: self
-                        .datapath
-                        .active_flows(lbaas_common::MAX_MEMBERS + id)?,
-                    bytes_in: s.bytes_in,
-                    bytes_out: s.bytes_out,
-                    total_connections: s.new_flows,
+                    name: format!("{}/{}", c.loadbalancer, c.listener),
+                    active_connections: c.active_connections,
+                    bytes_in: c.bytes_in,
+                    bytes_out: c.bytes_out,
+                    total_connections: c.total_connections,
                     request_errors: 0,
                 };
                 add(&mut lb_total, &o);
@@ -459,7 +456,7 @@ impl Controller {
                 });
             }
         }
-        let objects = self.octavia_stats().map_err(fail)?;
+        let objects = self.octavia_stats(&listeners).map_err(fail)?;
         Ok(StatsResponse {
             objects,
             datapath: GLOBAL_STAT_NAMES
