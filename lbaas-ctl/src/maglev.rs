@@ -31,10 +31,18 @@ pub fn is_prime(n: u64) -> bool {
     true
 }
 
-/// The default table size for `members` members: the smallest prime at least
-/// `max(16381, 100 * members)`.
+/// The default table size for `members` members: the smallest prime at or above
+/// `16381 * 2^k`, for the smallest `k` that gives at least 100 slots per member.
+///
+/// Sizes come from this doubling ladder rather than from `100 * members` directly so that
+/// adding or removing a member keeps the size (and so the table) unless the pool crosses a
+/// rung: a new size re-permutes every slot and moves nearly every flow.
 pub fn default_table_size(members: usize) -> u32 {
-    let mut n = (members as u64 * SLOTS_PER_MEMBER).max(u64::from(MIN_TABLE_SIZE));
+    let wanted = members as u64 * SLOTS_PER_MEMBER;
+    let mut n = u64::from(MIN_TABLE_SIZE);
+    while n < wanted {
+        n *= 2;
+    }
     while !is_prime(n) {
         n += 1;
     }
@@ -142,11 +150,17 @@ mod tests {
         assert_eq!(default_table_size(1), 16_381);
         assert_eq!(default_table_size(163), 16_381);
         assert!(is_prime(16_381));
-        let size = default_table_size(1000);
-        assert!(
-            is_prime(u64::from(size)) && (100_000..100_100).contains(&size),
-            "{size}"
-        );
+        for (members, rung) in [(164, 32_762), (1000, 131_048), (5000, 524_192)] {
+            let size = default_table_size(members);
+            assert!(
+                is_prime(u64::from(size)) && (rung..rung + 200).contains(&size),
+                "{members} members: {size}"
+            );
+            assert!(u64::from(size) >= members as u64 * 100);
+        }
+        // One member more or less keeps the size within a rung, so the table stays put.
+        assert_eq!(default_table_size(999), default_table_size(1000));
+        assert_eq!(default_table_size(1001), default_table_size(1000));
         assert!(!is_prime(1) && !is_prime(65_535) && is_prime(65_537));
     }
 

@@ -51,7 +51,7 @@ enum Command {
         #[arg(long, default_value_t = lbaas_common::DEFAULT_CONNTRACK_SIZE)]
         conntrack_size: u32,
         /// Maglev table size for SOURCE_IP/SOURCE_IP_PORT pools, a prime (default: the
-        /// smallest prime >= max(16381, 100 x the pool's members)).
+        /// smallest prime >= 16381 x 2^k giving at least 100 slots per member).
         #[arg(long, value_parser = parse_prime)]
         maglev_table_size: Option<u32>,
         /// Seconds after which an idle UDP flow is forgotten (its next datagram is balanced
