@@ -73,8 +73,15 @@ pub struct ListenerCounters {
     pub total_connections: u64,
     /// Open flows (opened - closed - expired).
     pub active_connections: u64,
-    /// New connections refused by the connection limit.
+    /// New connections refused by the connection limit (or, on L7 listeners, by
+    /// `allowed_cidrs`).
     pub refused_connections: u64,
+    /// Requests that failed on the client's side (L7 listeners: malformed, too slow, cut).
+    #[serde(default)]
+    pub request_errors: u64,
+    /// Requests the proxy answered itself because no member could (L7 listeners).
+    #[serde(default)]
+    pub member_errors: u64,
 }
 
 /// Octavia's statistics of one object (`GET /v2/lbaas/.../stats`).

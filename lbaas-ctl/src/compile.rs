@@ -197,7 +197,11 @@ pub fn desired(
                 if usable.is_empty() {
                     usable = backups;
                 }
-                let enabled = lb.admin_state_up && listener.admin_state_up && pool.admin_state_up;
+                // L7 listeners' packets go to the proxy: no selection table in the kernel.
+                let enabled = lb.admin_state_up
+                    && listener.admin_state_up
+                    && pool.admin_state_up
+                    && listener.protocol.is_l4();
                 if enabled {
                     region = slots(algo, &usable, options);
                 }

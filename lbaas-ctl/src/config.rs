@@ -307,9 +307,14 @@ pub struct Listener {
     /// Source prefixes allowed to connect; empty allows all.
     #[serde(default)]
     pub allowed_cidrs: Vec<String>,
-    /// Certificate reference (a PEM path) for TERMINATED_HTTPS.
+    /// Certificate reference for TERMINATED_HTTPS: a PEM file holding the certificate chain
+    /// and its private key (what Octavia keeps in a Barbican container).
     #[serde(default)]
     pub default_tls_container_ref: Option<String>,
+    /// More certificates (PEM files as above), chosen by the name the client asks for (SNI);
+    /// the default certificate answers other names.
+    #[serde(default)]
+    pub sni_container_refs: Vec<String>,
     /// L7 policies (HTTP listeners only).
     #[serde(default)]
     pub l7policies: Vec<L7Policy>,
@@ -391,6 +396,10 @@ pub struct Pool {
     /// `false` refuses new connections to the pool.
     #[serde(default = "yes")]
     pub admin_state_up: bool,
+    /// The proxy speaks TLS to the members (re-encryption; certificates not verified, as
+    /// Octavia without a CA reference). Proxied (HTTP) pools only.
+    #[serde(default)]
+    pub tls_enabled: bool,
     /// Health monitor.
     #[serde(default)]
     pub healthmonitor: Option<HealthMonitor>,
@@ -790,6 +799,10 @@ fn check_capacity(c: &mut Checker, config: &Config) {
     }
 }
 
+/// Headers a listener's `insert_headers` may name (the subset of Octavia's list the proxy
+/// implements; the X-SSL-Client ones need client certificates, which we do not take yet).
+pub const INSERT_HEADERS: [&str; 3] = ["X-Forwarded-For", "X-Forwarded-Port", "X-Forwarded-Proto"];
+
 fn validate_vip(c: &mut Checker, at: &str, vip: &str) -> Option<Ipv4Addr> {
     let path = format!("{at}.vip_address");
     match vip.parse::<std::net::IpAddr>() {
@@ -868,6 +881,21 @@ fn validate_listener(c: &mut Checker, at: &str, l: &Listener, lb: &LoadBalancer)
                 format!("no pool named {pool_name:?} in this load balancer"),
             ),
             Some(pool) => {
+                if !http
+                    && let Some(sp) = &pool.session_persistence
+                    && matches!(
+                        sp.persistence_type,
+                        PersistenceType::HttpCookie | PersistenceType::AppCookie
+                    )
+                {
+                    c.error(
+                        format!("{at}.default_pool"),
+                        format!(
+                            "pool {pool_name:?} has {} persistence, which needs an HTTP or TERMINATED_HTTPS listener; a {} listener does not read HTTP",
+                            sp.persistence_type, l.protocol
+                        ),
+                    );
+                }
                 let allowed = l.protocol.allowed_pools();
                 if !matches!(pool.protocol, PoolProtocol::Invalid(_))
                     && !matches!(l.protocol, ListenerProtocol::Invalid(_))
@@ -898,15 +926,32 @@ fn validate_listener(c: &mut Checker, at: &str, l: &Listener, lb: &LoadBalancer)
     for (k, policy) in l.l7policies.iter().enumerate() {
         validate_policy(c, &format!("{at}.l7policies[{k}]"), policy, lb);
     }
-    // What this version does not serve yet: refused rather than silently ignored.
-    if http {
-        c.not_yet(
-            format!("{at}.protocol"),
-            &format!("{} (the L7 proxy)", l.protocol),
+    if !l.sni_container_refs.is_empty() && l.protocol != ListenerProtocol::TerminatedHttps {
+        c.error(
+            format!("{at}.sni_container_refs"),
+            format!(
+                "are only allowed on TERMINATED_HTTPS listeners, not {}",
+                l.protocol
+            ),
         );
     }
-    if !l.allowed_cidrs.is_empty() {
-        c.not_yet(format!("{at}.allowed_cidrs"), "source filtering");
+    for key in l.insert_headers.keys() {
+        if !INSERT_HEADERS.iter().any(|h| h.eq_ignore_ascii_case(key)) {
+            c.error(
+                format!("{at}.insert_headers.{key}"),
+                format!(
+                    "is not a header the proxy inserts ({})",
+                    INSERT_HEADERS.join(", ")
+                ),
+            );
+        }
+    }
+    // What this version does not serve yet: refused rather than silently ignored.
+    if !l.allowed_cidrs.is_empty() && !http {
+        c.not_yet(
+            format!("{at}.allowed_cidrs"),
+            "source filtering on L4 listeners",
+        );
     }
 }
 
@@ -1016,6 +1061,11 @@ fn validate_rule(c: &mut Checker, at: &str, r: &L7Rule) {
             Some(_) => {}
         }
     }
+    if r.compare_type == CompareType::Regex
+        && let Err(message) = crate::proxy::rules::compile_regex(&r.value)
+    {
+        c.error(format!("{at}.value"), message);
+    }
     if r.rule_type == L7RuleType::FileType
         && !matches!(
             r.compare_type,
@@ -1064,20 +1114,6 @@ fn validate_pool(c: &mut Checker, at: &str, p: &Pool) {
             format!(
                 "{} members; a LEAST_CONNECTIONS pool has at most {max_lc} (the data path scans them per new flow)",
                 p.members.len()
-            ),
-        );
-    }
-    if let Some(sp) = &p.session_persistence
-        && matches!(
-            sp.persistence_type,
-            PersistenceType::HttpCookie | PersistenceType::AppCookie
-        )
-    {
-        c.not_yet(
-            format!("{at}.session_persistence.type"),
-            &format!(
-                "{} persistence (it needs the L7 proxy)",
-                sp.persistence_type
             ),
         );
     }

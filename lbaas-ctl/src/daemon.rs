@@ -4,7 +4,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
 };
 
 use anyhow::Context as _;
@@ -22,6 +22,7 @@ use crate::{
     health::{self, Monitors, Transition},
     metrics::{self, DaemonFigures},
     net::VipAddresses,
+    proxy::{Proxy, ProxyError},
     status::{self, MemberHealth, StatusResponse},
 };
 
@@ -92,6 +93,26 @@ struct Controller {
     addresses: VipAddresses,
     state_path: PathBuf,
     compile: CompileOptions,
+    /// The L7 proxy's listeners.
+    proxy: Proxy,
+}
+
+/// A proxy error as the API reports it: what cannot be served, with its YAML path.
+fn proxy_error(e: ProxyError) -> ApiError {
+    ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message: format!("the configuration cannot be served: {e}"),
+        errors: vec![config::ValidationError {
+            path: e.path().to_string(),
+            message: match &e {
+                ProxyError::Rule(r) => r.message.clone(),
+                ProxyError::Certificate { source, .. } => source.to_string(),
+                ProxyError::Bind { addr, source, .. } => {
+                    format!("cannot listen on {addr}: {source}")
+                }
+            },
+        }],
+    }
 }
 
 /// Reads a state file (missing: empty state).
@@ -165,6 +186,8 @@ impl Controller {
             });
         }
         let changes = diff::diff(&self.state.config, &new);
+        // Certificates, regexes and sockets first: what the proxy cannot serve changes nothing.
+        let proxied = self.proxy.prepare(&new, &self.down).map_err(proxy_error)?;
         // Probes follow the configuration; a new or changed probe starts its member as up.
         let probes = health::probes(&new);
         for member in self.monitors.sync(&probes) {
@@ -192,6 +215,7 @@ impl Controller {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
             })?;
         self.sync_addresses(&vips(&new)).await?;
+        self.proxy.install(proxied);
         self.state.config = new;
         self.persist()?;
         tracing::info!(
@@ -302,6 +326,12 @@ impl Controller {
         if let Err(e) = self.programmer.apply(self.datapath.tables(), &want) {
             tracing::error!(error = %e, "reprogramming after a health change failed");
         }
+        match self.proxy.prepare(&self.state.config, &self.down) {
+            Ok(prepared) => self.proxy.install(prepared),
+            Err(e) => {
+                tracing::error!(error = %e, "updating the L7 proxy after a health change failed")
+            }
+        }
         if let Err(e) = self.persist() {
             tracing::warn!(error = %e, "saving the data-path snapshot failed");
         }
@@ -356,6 +386,7 @@ impl Controller {
         listener_counters: &[ListenerCounters],
     ) -> Result<Vec<api::ObjectStats>, crate::datapath::DatapathError> {
         let mut out = Vec::new();
+        let proxied = self.proxy.member_counters();
         for lb in &self.state.config.loadbalancers {
             let mut lb_total = api::ObjectStats {
                 kind: "loadbalancer".into(),
@@ -374,7 +405,7 @@ impl Controller {
                     bytes_in: c.bytes_in,
                     bytes_out: c.bytes_out,
                     total_connections: c.total_connections,
-                    request_errors: 0,
+                    request_errors: c.request_errors,
                 };
                 add(&mut lb_total, &o);
                 listeners.push(o);
@@ -398,22 +429,28 @@ impl Controller {
                         addr,
                         port,
                     };
-                    let Some(id) = self.programmer.member_id(&key) else {
-                        continue;
-                    };
-                    let s = self.datapath.member_stats(id)?;
-                    let o = api::ObjectStats {
+                    let mut o = api::ObjectStats {
                         kind: "member".into(),
                         name: format!(
                             "{}/{}/{}:{}",
                             lb.name, pool.name, m.address, m.protocol_port
                         ),
-                        active_connections: self.datapath.active_flows(id)?,
-                        bytes_in: s.bytes_in,
-                        bytes_out: s.bytes_out,
-                        total_connections: s.new_flows,
-                        request_errors: 0,
+                        ..Default::default()
                     };
+                    if let Some(id) = self.programmer.member_id(&key) {
+                        let s = self.datapath.member_stats(id)?;
+                        o.active_connections = self.datapath.active_flows(id)?;
+                        o.bytes_in = s.bytes_in;
+                        o.bytes_out = s.bytes_out;
+                        o.total_connections = s.new_flows;
+                    }
+                    // Requests the proxy sent (in flight, and body bytes each way).
+                    if let Some(p) = proxied.get(&key) {
+                        o.active_connections += p.in_flight.load(Ordering::Relaxed);
+                        o.bytes_in += p.bytes_in.load(Ordering::Relaxed);
+                        o.bytes_out += p.bytes_out.load(Ordering::Relaxed);
+                        o.total_connections += p.requests.load(Ordering::Relaxed);
+                    }
                     add(&mut pool_total, &o);
                     members.push(o);
                 }
@@ -430,12 +467,36 @@ impl Controller {
         };
         let global = self.datapath.global_stats().map_err(fail)?;
         let mut listeners = Vec::new();
+        let proxied: BTreeMap<ListenerRef, _> = self
+            .proxy
+            .listener_figures()
+            .into_iter()
+            .map(|f| (f.listener, f.counters))
+            .collect();
         for lb in &self.state.config.loadbalancers {
             for l in &lb.listeners {
                 let key = ListenerRef {
                     loadbalancer: lb.name.clone(),
                     listener: l.name.clone(),
                 };
+                if !l.protocol.is_l4() {
+                    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+                    let c = proxied.get(&key).cloned().unwrap_or_default();
+                    listeners.push(ListenerCounters {
+                        loadbalancer: lb.name.clone(),
+                        listener: l.name.clone(),
+                        packets_in: 0,
+                        bytes_in: load(&c.bytes_in),
+                        packets_out: 0,
+                        bytes_out: load(&c.bytes_out),
+                        total_connections: load(&c.total_connections),
+                        active_connections: load(&c.active_connections),
+                        refused_connections: load(&c.refused_connections),
+                        request_errors: load(&c.request_errors),
+                        member_errors: load(&c.member_errors),
+                    });
+                    continue;
+                }
                 let Some(id) = self.programmer.listener_id(&key) else {
                     continue;
                 };
@@ -453,6 +514,8 @@ impl Controller {
                         .active_flows(lbaas_common::MAX_MEMBERS + id)
                         .map_err(fail)?,
                     refused_connections: s.refused,
+                    request_errors: 0,
+                    member_errors: 0,
                 });
             }
         }
@@ -654,6 +717,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         addresses,
         state_path,
         compile: options.compile,
+        proxy: Proxy::default(),
     };
     if !saved.config.loadbalancers.is_empty() {
         let n = saved.config.loadbalancers.len();

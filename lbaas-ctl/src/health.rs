@@ -309,17 +309,23 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
     }
 }
 
-async fn tls_connect(
-    target: SocketAddrV4,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+/// A TLS client configuration that does not verify the server's certificate (Octavia's
+/// HTTPS and TLS-HELLO checks, and re-encryption to members, do not either).
+pub fn insecure_client_config() -> Arc<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .expect("ring supports the default TLS versions")
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
         .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    Arc::new(config)
+}
+
+async fn tls_connect(
+    target: SocketAddrV4,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let connector = tokio_rustls::TlsConnector::from(insecure_client_config());
     let stream = TcpStream::connect(SocketAddr::V4(target))
         .await
         .map_err(io_reason)?;

@@ -4,7 +4,8 @@
 //! state to data-path tables: weighted schedules, id and ring allocation), [`datapath`] (aya:
 //! loading, attaching, map writes), [`net`] (VIP addresses via rtnetlink), [`diff`] (what an
 //! apply changes), [`api`] (the daemon's HTTP/JSON API on a Unix socket and its client),
-//! [`daemon`] and [`render`] (CLI output).
+//! [`proxy`] (the L7 proxy for HTTP and TERMINATED_HTTPS listeners), [`daemon`] and
+//! [`render`] (CLI output).
 #![deny(missing_docs)]
 
 pub mod api;
@@ -17,5 +18,6 @@ pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod net;
+pub mod proxy;
 pub mod render;
 pub mod status;

@@ -368,15 +368,12 @@ fn l7_policies_only_on_http_listeners_and_rules_checked() {
 #[test]
 fn unsupported_features_are_refused_clearly() {
     let e = errors_after(
-        "protocol: TCP\n        protocol_port: 22",
-        "protocol: HTTP\n        protocol_port: 22",
+        "protocol_port: 22\n",
+        "protocol_port: 22\n        allowed_cidrs: [10.0.0.0/8]\n",
     );
-    assert!(
-        e.contains(
-            &"loadbalancers[0].listeners[0].protocol: HTTP (the L7 proxy) is not supported yet"
-                .to_string()
-        ),
-        "{e:#?}"
+    assert_one(
+        e,
+        "loadbalancers[0].listeners[0].allowed_cidrs: source filtering on L4 listeners is not supported yet",
     );
     let e = errors_after(
         "lb_algorithm: ROUND_ROBIN",
@@ -384,7 +381,7 @@ fn unsupported_features_are_refused_clearly() {
     );
     assert_one(
         e,
-        "loadbalancers[0].pools[0].session_persistence.type: HTTP_COOKIE persistence (it needs the L7 proxy) is not supported yet",
+        "loadbalancers[0].listeners[0].default_pool: pool \"ssh-pool\" has HTTP_COOKIE persistence, which needs an HTTP or TERMINATED_HTTPS listener; a TCP listener does not read HTTP",
     );
     let e = errors_after("vip_address: 10.0.0.100", "vip_address: \"2001:db8::1\"");
     assert_one(
@@ -500,4 +497,60 @@ fn capacity_limits_are_checked_before_anything_is_written() {
         "{}",
         e[0]
     );
+}
+
+const L7: &str = r#"
+loadbalancers:
+  - name: lb1
+    vip_address: 10.0.0.100
+    listeners:
+      - name: web
+        protocol: HTTP
+        protocol_port: 80
+        default_pool: login
+        insert_headers: {X-Forwarded-For: "true"}
+        allowed_cidrs: [10.0.0.0/8]
+        l7policies:
+          - name: shop
+            action: REDIRECT_TO_POOL
+            redirect_pool: shop
+            position: 1
+            rules:
+              - {type: HOST_NAME, compare_type: REGEX, value: "^shop\\."}
+    pools:
+      - name: login
+        protocol: HTTP
+        lb_algorithm: ROUND_ROBIN
+        session_persistence: {type: HTTP_COOKIE}
+        members: [{address: 10.0.1.4, protocol_port: 80}]
+      - name: shop
+        protocol: HTTP
+        lb_algorithm: LEAST_CONNECTIONS
+        session_persistence: {type: APP_COOKIE, cookie_name: JSESSIONID}
+        members: [{address: 10.0.1.5, protocol_port: 80}]
+"#;
+
+#[test]
+fn l7_listeners_policies_and_cookie_persistence_are_valid() {
+    assert_eq!(errors(L7), Vec::<String>::new());
+}
+
+#[test]
+fn a_bad_regex_an_unknown_inserted_header_and_misplaced_sni_are_named() {
+    let yaml = L7
+        .replace("value: \"^shop\\\\.\"", "value: \"(shop\"")
+        .replace("X-Forwarded-For: \"true\"", "X-Forwarded-Host: \"true\"")
+        .replace(
+            "allowed_cidrs: [10.0.0.0/8]",
+            "sni_container_refs: [/etc/a.pem]",
+        );
+    let e = errors(&yaml);
+    assert_eq!(e.len(), 3, "{e:#?}");
+    for expected in [
+        "loadbalancers[0].listeners[0].insert_headers.X-Forwarded-Host: is not a header the proxy inserts (X-Forwarded-For, X-Forwarded-Port, X-Forwarded-Proto)",
+        "loadbalancers[0].listeners[0].sni_container_refs: are only allowed on TERMINATED_HTTPS listeners, not HTTP",
+        "loadbalancers[0].listeners[0].l7policies[0].rules[0].value: \"(shop\" is not a valid regular expression (unclosed group)",
+    ] {
+        assert!(e.contains(&expected.to_string()), "{expected}\n{e:#?}");
+    }
 }

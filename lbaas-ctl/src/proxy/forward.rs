@@ -1,0 +1,481 @@
+//! One request through the proxy: L7 policies, the pool's member choice and persistence,
+//! the request to the member (pooled connections, streamed bodies), and the response back.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::{
+    Request, Response, StatusCode, Uri, Version,
+    body::Incoming,
+    http::{HeaderMap, HeaderName, HeaderValue, header, request::Parts},
+};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+
+use super::{
+    pool::{Choice, MemberCounters, PERSISTENCE_COOKIE, Persistence, ProxyMember, ProxyPool},
+    rules::{Action, Policies, RequestView, cookie},
+};
+use crate::compile::MemberRef;
+
+/// Bodies the proxy sends either way.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+/// The pooled client to members (plain HTTP, or TLS for `tls_enabled` pools).
+pub type MemberClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
+
+/// Which X-Forwarded headers a listener inserts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InsertHeaders {
+    /// `X-Forwarded-For: <client address>`.
+    pub forwarded_for: bool,
+    /// `X-Forwarded-Port: <listener port>`.
+    pub forwarded_port: bool,
+    /// `X-Forwarded-Proto: http|https`.
+    pub forwarded_proto: bool,
+}
+
+/// A listener's counters (Octavia's listener statistics), kept across applies.
+#[derive(Debug, Default)]
+pub struct ListenerCounters {
+    /// Client connections open now.
+    pub active_connections: AtomicU64,
+    /// Client connections accepted.
+    pub total_connections: AtomicU64,
+    /// Bytes read from clients (TLS records included).
+    pub bytes_in: AtomicU64,
+    /// Bytes written to clients.
+    pub bytes_out: AtomicU64,
+    /// Requests that failed on the client's side: malformed, too slow, or cut.
+    pub request_errors: AtomicU64,
+    /// Connections refused: over `connection_limit` or outside `allowed_cidrs`.
+    pub refused_connections: AtomicU64,
+    /// Requests answered by the proxy itself because no member could (502/503/504).
+    pub member_errors: AtomicU64,
+}
+
+/// Everything a listener's requests need; an apply swaps in a new one as a whole, and
+/// requests already running finish with the one they started with.
+#[derive(Debug)]
+pub struct RequestPlan {
+    /// The listener's policies in evaluation order.
+    pub policies: Policies,
+    /// Where requests no policy takes go.
+    pub default_pool: Option<String>,
+    /// The load balancer's pools by name.
+    pub pools: HashMap<String, Arc<ProxyPool>>,
+    /// Pools whose members are spoken to over TLS.
+    pub tls_pools: Vec<String>,
+    /// Headers to insert.
+    pub insert: InsertHeaders,
+    /// The listener's port (X-Forwarded-Port).
+    pub port: u16,
+    /// Whether clients speak TLS to the listener (X-Forwarded-Proto).
+    pub https: bool,
+    /// How long a member may take to answer (`timeout_member_data`); `None`: no limit.
+    pub member_data_timeout: Option<Duration>,
+    /// The client to members.
+    pub client: MemberClient,
+    /// The listener's counters.
+    pub counters: Arc<ListenerCounters>,
+}
+
+/// Hop-by-hop headers (RFC 9110 7.6.1): they concern one connection, never forwarded.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Handles one request from `client`.
+pub async fn handle(
+    req: Request<Incoming>,
+    plan: Arc<RequestPlan>,
+    client: SocketAddr,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let host = request_host(&req).map(str::to_owned);
+    let action = plan
+        .policies
+        .evaluate(&RequestView {
+            host: host.as_deref(),
+            path: req.uri().path(),
+            headers: req.headers(),
+        })
+        .map(|p| p.action.clone());
+    let pool = match action {
+        Some(Action::Reject) => return Ok(answer(StatusCode::FORBIDDEN, "Forbidden")),
+        Some(Action::RedirectUrl { url, code }) => return Ok(redirect(code, &url)),
+        Some(Action::RedirectPrefix { prefix, code }) => {
+            let rest = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            return Ok(redirect(
+                code,
+                &format!("{}{rest}", prefix.trim_end_matches('/')),
+            ));
+        }
+        Some(Action::Pool(name)) => Some(name),
+        None => plan.default_pool.clone(),
+    };
+    let Some(pool) = pool.and_then(|name| plan.pools.get(&name).cloned()) else {
+        return Ok(no_member(&plan));
+    };
+    Ok(forward(req, &plan, &pool, client).await)
+}
+
+/// The request's host name: `Host`, else the HTTP/2 authority; port removed.
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    let raw = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))?;
+    Some(match raw.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => raw.split(':').next().unwrap_or(raw),
+    })
+}
+
+fn full(body: impl Into<Bytes>) -> ProxyBody {
+    Full::new(body.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+/// A response the proxy writes itself (short text, as HAProxy's error pages are).
+fn answer(status: StatusCode, text: &str) -> Response<ProxyBody> {
+    let mut r = Response::new(full(format!("{} {text}\n", status.as_u16())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+fn redirect(code: u16, location: &str) -> Response<ProxyBody> {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::FOUND);
+    let mut r = answer(status, status.canonical_reason().unwrap_or("Redirect"));
+    if let Ok(v) = HeaderValue::from_str(location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+fn no_member(plan: &RequestPlan) -> Response<ProxyBody> {
+    plan.counters.member_errors.fetch_add(1, Ordering::Relaxed);
+    answer(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Service Unavailable: no server is available to handle this request",
+    )
+}
+
+/// Counts a member's request in flight for as long as it lives.
+struct InFlight(Arc<MemberCounters>);
+
+impl InFlight {
+    fn new(counters: &Arc<MemberCounters>) -> Self {
+        counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        counters.requests.fetch_add(1, Ordering::Relaxed);
+        Self(counters.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A body that counts its data bytes and, for a response, holds the member's in-flight
+/// count until it has been sent (or dropped).
+struct Tracked<B> {
+    inner: B,
+    counter: Arc<MemberCounters>,
+    outbound: bool,
+    _in_flight: Option<InFlight>,
+}
+
+impl<B> Body for Tracked<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            let bytes = if this.outbound {
+                &this.counter.bytes_out
+            } else {
+                &this.counter.bytes_in
+            };
+            bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Removes hop-by-hop headers, and those the `Connection` header names, keeping the upgrade
+/// handshake's when `upgrade` is set.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if !(upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        if !(upgrade && (name == "connection" || name == "upgrade")) {
+            headers.remove(name);
+        }
+    }
+}
+
+/// The request as the member gets it.
+fn member_request(
+    parts: &Parts,
+    body: ProxyBody,
+    member: &ProxyMember,
+    plan: &RequestPlan,
+    pool: &ProxyPool,
+    client: SocketAddr,
+    upgrade: bool,
+) -> Request<ProxyBody> {
+    let scheme = if plan.tls_pools.contains(&pool.name) {
+        "https"
+    } else {
+        "http"
+    };
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri: Uri = format!("{scheme}://{}{path}", member.authority)
+        .parse()
+        .unwrap_or_else(|_| Uri::from_static("/"));
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers, upgrade);
+    if !headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(header::HOST, v);
+    }
+    if plan.insert.forwarded_for {
+        let ip = client.ip().to_canonical().to_string();
+        let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prior) => format!("{prior}, {ip}"),
+            None => ip,
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert("x-forwarded-for", v);
+        }
+    }
+    if plan.insert.forwarded_port {
+        headers.insert("x-forwarded-port", HeaderValue::from(plan.port));
+    }
+    if plan.insert.forwarded_proto {
+        let proto = if plan.https { "https" } else { "http" };
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    }
+    let mut out = Request::new(body);
+    *out.method_mut() = parts.method.clone();
+    *out.uri_mut() = uri;
+    *out.version_mut() = Version::HTTP_11;
+    *out.headers_mut() = headers;
+    out
+}
+
+/// Sends the request to a member of `pool`. A member that refuses the connection is tried
+/// no further for this request: a request without a body goes to the next member (it was
+/// never sent), as HAProxy's `option redispatch` does.
+async fn forward(
+    req: Request<Incoming>,
+    plan: &RequestPlan,
+    pool: &ProxyPool,
+    client: SocketAddr,
+) -> Response<ProxyBody> {
+    let cookie_of = |name: &str| cookie(req.headers(), name).map(str::to_owned);
+    let Some((first, choice)) = pool.choose(client.ip(), cookie_of) else {
+        return no_member(plan);
+    };
+    let mut member = first.clone();
+    let upgrade = req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
+    let (mut parts, body) = req.into_parts();
+    let client_upgrade = upgrade.then(|| {
+        let mut r = Request::new(());
+        std::mem::swap(r.extensions_mut(), &mut parts.extensions);
+        hyper::upgrade::on(r)
+    });
+    let retryable = body.is_end_stream();
+    let mut body = Some(body);
+    let mut tried: Vec<MemberRef> = Vec::new();
+    loop {
+        let in_flight = InFlight::new(&member.counters);
+        let sent = match body.take() {
+            Some(b) => Tracked {
+                inner: b,
+                counter: member.counters.clone(),
+                outbound: false,
+                _in_flight: None,
+            }
+            .boxed(),
+            None => full(Bytes::new()),
+        };
+        let request = member_request(&parts, sent, &member, plan, pool, client, upgrade);
+        let pending = plan.client.request(request);
+        let result = match plan.member_data_timeout {
+            Some(limit) => match tokio::time::timeout(limit, pending).await {
+                Ok(r) => r.map_err(Some),
+                Err(_) => Err(None),
+            },
+            None => pending.await.map_err(Some),
+        };
+        match result {
+            Ok(response) => {
+                return respond(response, pool, &member, choice, in_flight, client_upgrade);
+            }
+            Err(Some(e)) if e.is_connect() && retryable => {
+                tracing::debug!(member = %member.authority, error = %e, "member refused; trying another");
+                tried.push(member.key.clone());
+                match pool.choose_other(&tried) {
+                    Some(next) => member = next.clone(),
+                    None => return no_member(plan),
+                }
+            }
+            Err(Some(e)) => {
+                tracing::debug!(member = %member.authority, error = %e, "member request failed");
+                plan.counters.member_errors.fetch_add(1, Ordering::Relaxed);
+                let status = if e.is_connect() {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+                return answer(status, status.canonical_reason().unwrap_or("Bad Gateway"));
+            }
+            Err(None) => {
+                plan.counters.member_errors.fetch_add(1, Ordering::Relaxed);
+                return answer(StatusCode::GATEWAY_TIMEOUT, "Gateway Timeout");
+            }
+        }
+    }
+}
+
+/// The member's response as the client gets it: persistence cookie set or learned, upgrade
+/// spliced, body streamed and counted.
+fn respond(
+    mut response: Response<Incoming>,
+    pool: &ProxyPool,
+    member: &ProxyMember,
+    choice: Choice,
+    in_flight: InFlight,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ProxyBody> {
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if switching && let Some(client_side) = client_upgrade {
+        let member_side = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            if let (Ok(c), Ok(m)) = (client_side.await, member_side.await) {
+                let mut c = hyper_util::rt::TokioIo::new(c);
+                let mut m = hyper_util::rt::TokioIo::new(m);
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut m).await;
+            }
+            drop(in_flight);
+        });
+        let (parts, _) = response.into_parts();
+        return Response::from_parts(parts, full(Bytes::new()));
+    }
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    match &pool.persistence {
+        Persistence::HttpCookie if choice == Choice::Balanced => {
+            let set = format!("{PERSISTENCE_COOKIE}={}; path=/", member.cookie);
+            if let Ok(v) = HeaderValue::from_str(&set) {
+                parts.headers.append(header::SET_COOKIE, v);
+            }
+        }
+        Persistence::AppCookie { name, .. } => {
+            for value in parts
+                .headers
+                .get_all(header::SET_COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+            {
+                let first = value.split(';').next().unwrap_or_default().trim();
+                if let Some((k, v)) = first.split_once('=')
+                    && k == name
+                    && !v.is_empty()
+                {
+                    pool.learn_app_cookie(v, &member.key);
+                }
+            }
+        }
+        _ => {}
+    }
+    let body = Tracked {
+        inner: body,
+        counter: member.counters.clone(),
+        outbound: true,
+        _in_flight: Some(in_flight),
+    };
+    Response::from_parts(parts, body.boxed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-end-to-end", HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-end-to-end"]);
+        let mut up = HeaderMap::new();
+        up.insert("connection", HeaderValue::from_static("Upgrade"));
+        up.insert("upgrade", HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut up, true);
+        assert_eq!(up.len(), 2);
+    }
+}
