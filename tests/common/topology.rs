@@ -316,6 +316,30 @@ impl Topology {
         self.wait_tcp(&ns, &addr, 80);
     }
 
+    /// Starts an HTTP/1.1 (keep-alive) server on member `i`, port 80, for the L7 tests. Every
+    /// answer is one line: `member-i host=<Host> xff=<X-Forwarded-For> xfport=<..> xfproto=<..>
+    /// path=<path> got=<request body bytes>`; `/login` also sets `JSESSIONID=member-i-<n>`,
+    /// `/slow=<s>` answers after `s` seconds, and `Upgrade: echo` switches protocols and echoes
+    /// bytes upper-cased. Returns the server's pid.
+    pub fn start_l7_member(&mut self, i: usize) -> u32 {
+        let script = self.dir.join("l7_member.py");
+        std::fs::write(&script, L7_MEMBER).expect("member script");
+        let addr = member_addr(i);
+        let ns = self.member(i);
+        let pid = self.spawn(
+            &ns,
+            &[
+                "/usr/bin/python3",
+                &script.display().to_string(),
+                &addr,
+                &format!("member-{i}"),
+            ],
+            &format!("l7-{i}.log"),
+        );
+        self.wait_tcp(&ns, &addr, 80);
+        pid
+    }
+
     /// Starts an HTTP server on member `i`, port 80 (and HTTPS on 443 with `tls` = PEM
     /// certificate and key paths): `/health` answers 200 while the file `healthy<i>` exists in
     /// the scratch directory and 503 otherwise; every other path answers `member-i`.
@@ -499,3 +523,47 @@ impl Drop for Topology {
 pub fn exists(path: &Path) -> bool {
     path.exists()
 }
+
+/// The L7 tests' member server (see [`Topology::start_l7_member`]).
+const L7_MEMBER: &str = r#"
+import sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+addr, name = sys.argv[1], sys.argv[2]
+count = [0]
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        if self.headers.get('Upgrade', '').lower() == 'echo':
+            self.send_response(101)
+            self.send_header('Upgrade', 'echo')
+            self.send_header('Connection', 'Upgrade')
+            self.end_headers()
+            self.wfile.flush()
+            while True:
+                data = self.connection.recv(4096)
+                if not data:
+                    break
+                self.connection.sendall(data.upper())
+            self.close_connection = True
+            return
+        length = int(self.headers.get('Content-Length') or 0)
+        got = len(self.rfile.read(length)) if length else 0
+        count[0] += 1
+        if self.path.startswith('/slow='):
+            time.sleep(float(self.path.split('=')[1]))
+        h = self.headers
+        body = ('%s host=%s xff=%s xfport=%s xfproto=%s path=%s got=%d\n' % (
+            name, h.get('Host'), h.get('X-Forwarded-For'), h.get('X-Forwarded-Port'),
+            h.get('X-Forwarded-Proto'), self.path, got)).encode()
+        self.send_response(200)
+        if self.path.startswith('/login'):
+            self.send_header('Set-Cookie', 'JSESSIONID=%s-%d; Path=/' % (name, count[0]))
+        self.send_header('Content-Type', 'text/plain')
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_POST = do_GET
+ThreadingHTTPServer((addr, 80), Handler).serve_forever()
+"#;

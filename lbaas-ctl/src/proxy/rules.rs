@@ -311,6 +311,9 @@ mod tests {
         h
     }
 
+    /// A rule type, its key, and a value that matches the hit request per compare type.
+    type Case<'a> = (&'a str, Option<&'a str>, [(&'a str, &'a str); 5]);
+
     /// Every rule type x compare type, each plain and inverted, against a request that
     /// matches and one that does not.
     #[test]
@@ -330,7 +333,7 @@ mod tests {
             path: "/api/v1/users",
             headers: &empty,
         };
-        let cases: &[(&str, Option<&str>, [(&str, &str); 5])] = &[
+        let cases: &[Case] = &[
             (
                 "HOST_NAME",
                 None,
