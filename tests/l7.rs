@@ -628,3 +628,34 @@ fn allowed_cidrs_and_connection_limit_refuse_and_count() {
         .clone();
     assert_eq!(web["refused_connections"], 2, "{web:#}");
 }
+
+/// A `tls_enabled` pool: the proxy re-encrypts to the members' HTTPS port.
+#[test]
+fn tls_enabled_pools_are_spoken_to_over_tls() {
+    require_root();
+    let mut topo = Topology::new("l7reenc", 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![member_addr(1)])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (topo.path("member.crt"), topo.path("member.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    topo.start_l7_member_with(1, Some((&cert_path, &key_path)));
+    let daemon = start_daemon(&mut topo, "state");
+    let body = format!(
+        "    listeners:\n      - {{name: web, protocol: HTTP, protocol_port: 80, default_pool: web}}\n    pools:\n      - name: web\n        protocol: HTTP\n        lb_algorithm: ROUND_ROBIN\n        tls_enabled: true\n        members:\n          - {{address: {}, protocol_port: 443}}\n",
+        member_addr(1)
+    );
+    ctl_ok(
+        &daemon,
+        &["apply", "-f", &write_config(&topo, "l7.yaml", &body)],
+    );
+    let a = curl(&topo, &[&format!("http://{VIP}/")]);
+    assert_eq!(
+        (a.status, a.member(), a.field("tls")),
+        (200, "member-1", "True"),
+        "{a:?}"
+    );
+}

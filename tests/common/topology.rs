@@ -322,21 +322,32 @@ impl Topology {
     /// `/slow=<s>` answers after `s` seconds, and `Upgrade: echo` switches protocols and echoes
     /// bytes upper-cased. Returns the server's pid.
     pub fn start_l7_member(&mut self, i: usize) -> u32 {
+        self.start_l7_member_with(i, None)
+    }
+
+    /// [`Topology::start_l7_member`], also serving HTTPS on port 443 with `tls` = PEM
+    /// certificate and key paths (answers then say `tls=True`).
+    pub fn start_l7_member_with(&mut self, i: usize, tls: Option<(&Path, &Path)>) -> u32 {
         let script = self.dir.join("l7_member.py");
         std::fs::write(&script, L7_MEMBER).expect("member script");
         let addr = member_addr(i);
         let ns = self.member(i);
-        let pid = self.spawn(
-            &ns,
-            &[
-                "/usr/bin/python3",
-                &script.display().to_string(),
-                &addr,
-                &format!("member-{i}"),
-            ],
-            &format!("l7-{i}.log"),
-        );
+        let mut args = vec![
+            "/usr/bin/python3".to_string(),
+            script.display().to_string(),
+            addr.clone(),
+            format!("member-{i}"),
+        ];
+        if let Some((cert, key)) = tls {
+            args.push(cert.display().to_string());
+            args.push(key.display().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let pid = self.spawn(&ns, &args, &format!("l7-{i}.log"));
         self.wait_tcp(&ns, &addr, 80);
+        if tls.is_some() {
+            self.wait_tcp(&ns, &addr, 443);
+        }
         pid
     }
 
@@ -554,9 +565,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.startswith('/slow='):
             time.sleep(float(self.path.split('=')[1]))
         h = self.headers
-        body = ('%s host=%s xff=%s xfport=%s xfproto=%s path=%s got=%d\n' % (
+        body = ('%s host=%s xff=%s xfport=%s xfproto=%s path=%s got=%d tls=%s\n' % (
             name, h.get('Host'), h.get('X-Forwarded-For'), h.get('X-Forwarded-Port'),
-            h.get('X-Forwarded-Proto'), self.path, got)).encode()
+            h.get('X-Forwarded-Proto'), self.path, got, getattr(self.server, 'tls', False))).encode()
         self.send_response(200)
         if self.path.startswith('/login'):
             self.send_header('Set-Cookie', 'JSESSIONID=%s-%d; Path=/' % (name, count[0]))
@@ -565,5 +576,13 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
     do_POST = do_GET
+if len(sys.argv) > 4:
+    import ssl, threading
+    secure = ThreadingHTTPServer((addr, 443), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(sys.argv[3], sys.argv[4])
+    secure.socket = context.wrap_socket(secure.socket, server_side=True)
+    secure.tls = True
+    threading.Thread(target=secure.serve_forever, daemon=True).start()
 ThreadingHTTPServer((addr, 80), Handler).serve_forever()
 "#;
