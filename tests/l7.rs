@@ -659,3 +659,45 @@ fn tls_enabled_pools_are_spoken_to_over_tls() {
         "{a:?}"
     );
 }
+
+/// The proxy takes health from the same state as the XDP path: a member failing its HTTP
+/// checks gets no request (although it still answers), and comes back when it recovers.
+#[test]
+fn members_failing_their_health_checks_get_no_requests() {
+    require_root();
+    let mut topo = Topology::new("l7health", 2);
+    topo.start_health_member(1, None);
+    topo.start_health_member(2, None);
+    let daemon = start_daemon(&mut topo, "state");
+    let body = format!(
+        "    listeners:\n      - {{name: web, protocol: HTTP, protocol_port: 80, default_pool: web}}\n    pools:\n      - name: web\n        protocol: HTTP\n        lb_algorithm: ROUND_ROBIN\n        healthmonitor: {{type: HTTP, delay: 2, timeout: 1, max_retries: 1, max_retries_down: 1, url_path: /health}}\n        members:\n{}{}",
+        member_line(1, ""),
+        member_line(2, "")
+    );
+    ctl_ok(
+        &daemon,
+        &["apply", "-f", &write_config(&topo, "l7.yaml", &body)],
+    );
+    let url = format!("http://{VIP}/");
+    let answers = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|_| topo.curl(&url).expect("curl through the proxy"))
+            .collect()
+    };
+    let both = answers(4);
+    assert!(
+        both.contains(&"member-1".to_string()) && both.contains(&"member-2".to_string()),
+        "{both:?}"
+    );
+    topo.set_healthy(1, false);
+    wait_until(
+        Duration::from_secs(10),
+        "member-1 out of the proxy's selection",
+        || answers(4).iter().all(|b| b == "member-2"),
+    );
+    assert!(answers(10).iter().all(|b| b == "member-2"));
+    topo.set_healthy(1, true);
+    wait_until(Duration::from_secs(10), "member-1 back", || {
+        answers(4).contains(&"member-1".to_string())
+    });
+}
