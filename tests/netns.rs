@@ -818,23 +818,43 @@ fn octavia_statistics_add_up_from_members_to_the_load_balancer() {
 #[test]
 fn prometheus_metrics_match_the_stats() {
     let (topo, daemon) = web_lab("metrics", 2, &["--metrics", "127.0.0.1:9109"]);
+    // The TCP listener (XDP) and an HTTP listener (the proxy) on one pool, health-checked.
+    let both = format!(
+        "    listeners:\n      - {{name: web, protocol: TCP, protocol_port: 80, default_pool: web-pool}}\n      - {{name: proxied, protocol: HTTP, protocol_port: 8080, default_pool: web-pool}}\n    pools:\n      - name: web-pool\n        protocol: HTTP\n        lb_algorithm: ROUND_ROBIN\n        healthmonitor: {{type: TCP, delay: 2, timeout: 1, max_retries: 1}}\n        members:\n          - {{address: {}, protocol_port: 80}}\n          - {{address: {}, protocol_port: 80}}\n",
+        member_addr(1),
+        member_addr(2)
+    );
+    ctl_ok(
+        &daemon,
+        &["apply", "-f", &write_config(&topo, "both.yaml", &both)],
+    );
     assert_eq!(curls(&topo, 5).len(), 5);
-    let out = topo.exec(
-        &topo.lb(),
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "http://127.0.0.1:9109/metrics",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    for _ in 0..3 {
+        topo.curl(&format!("http://{VIP}:8080/"))
+            .expect("curl through the proxy");
+    }
+    let scrape = || {
+        let out = topo.exec(
+            &topo.lb(),
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:9109/metrics",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_until(Duration::from_secs(10), "a health check observed", || {
+        scrape().contains("lbaas_health_check_duration_seconds_count{type=\"TCP\",result=\"ok\"}")
+    });
+    let text = scrape();
     // Every sample line is `name{labels} number`; families are announced.
     let mut samples = std::collections::BTreeMap::new();
     for line in text
@@ -849,22 +869,28 @@ fn prometheus_metrics_match_the_stats() {
             .unwrap_or_else(|_| panic!("bad value in {line:?}"));
         samples.insert(name.to_string(), value);
     }
-    assert!(text.contains("# TYPE lbaas_listener_total_connections_total counter"));
+    assert!(text.contains("# TYPE lbaas_listener_total_connections counter"));
+    assert!(text.contains("# TYPE lbaas_health_check_duration_seconds histogram"));
     assert_eq!(
         samples["lbaas_listener_total_connections_total{loadbalancer=\"lb1\",listener=\"web\"}"],
         5.0,
         "{text}"
     );
     assert_eq!(
+        samples["lbaas_listener_total_connections_total{loadbalancer=\"lb1\",listener=\"proxied\"}"],
+        3.0,
+        "{text}"
+    );
+    assert_eq!(
         samples["lbaas_loadbalancer_total_connections_total{loadbalancer=\"lb1\"}"],
-        5.0
+        8.0
     );
     let m1 = format!(
         "lbaas_member_up{{loadbalancer=\"lb1\",pool=\"web-pool\",member=\"{}:80\"}}",
         member_addr(1)
     );
     assert_eq!(samples[&m1], 1.0, "{text}");
-    assert_eq!(samples["lbaas_applies_total"], 1.0);
+    assert_eq!(samples["lbaas_applies_total"], 2.0);
     let stats: serde_json::Value =
         serde_json::from_str(&ctl_ok(&daemon, &["stats", "-o", "json"])).unwrap();
     let lb = stats["objects"]
@@ -877,5 +903,20 @@ fn prometheus_metrics_match_the_stats() {
     assert_eq!(
         samples["lbaas_loadbalancer_bytes_in_total{loadbalancer=\"lb1\"}"],
         lb["bytes_in"].as_f64().unwrap()
+    );
+    let listener = |name: &str| {
+        stats["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["name"] == format!("lb1/{name}"))
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(listener("web")["total_connections"], 5);
+    assert_eq!(listener("proxied")["total_connections"], 3);
+    assert_eq!(
+        samples["lbaas_listener_bytes_out_total{loadbalancer=\"lb1\",listener=\"proxied\"}"],
+        listener("proxied")["bytes_out"].as_f64().unwrap()
     );
 }

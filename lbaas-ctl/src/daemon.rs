@@ -89,6 +89,8 @@ struct Controller {
     down: BTreeSet<MemberRef>,
     /// Figures for the metrics.
     figures: DaemonFigures,
+    /// Health-check durations, for the metrics.
+    check_latency: Arc<metrics::CheckLatency>,
     state: State,
     addresses: VipAddresses,
     state_path: PathBuf,
@@ -598,12 +600,17 @@ async fn serve_metrics(listener: tokio::net::TcpListener, daemon: Arc<Daemon>) {
                                 Ok(stats) => {
                                     let status =
                                         status::tree(&controller.state.config, &controller.health);
-                                    metrics::render(&stats, &status, &controller.figures)
+                                    metrics::render(
+                                        stats,
+                                        status,
+                                        &controller.figures,
+                                        &controller.check_latency,
+                                    )
                                 }
                                 Err(e) => format!("# error: {}\n", e.message),
                             };
                             hyper::Response::builder()
-                                .header("content-type", "text/plain; version=0.0.4")
+                                .header("content-type", metrics::CONTENT_TYPE)
                                 .body(Full::new(Bytes::from(body)))
                         } else {
                             hyper::Response::builder()
@@ -698,8 +705,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     warn_if_not_forwarding();
     let addresses = VipAddresses::new(&options.interface)?;
     let (transitions_tx, mut transitions) = tokio::sync::mpsc::unbounded_channel();
+    let check_latency = metrics::check_latency();
     let mut controller = Controller {
-        monitors: Monitors::new(transitions_tx),
+        monitors: Monitors::new(transitions_tx, check_latency.clone()),
+        check_latency,
         health: BTreeMap::new(),
         down: BTreeSet::new(),
         figures: DaemonFigures {

@@ -490,14 +490,20 @@ pub fn probes(config: &Config) -> BTreeMap<MemberRef, Probe> {
 pub struct Monitors {
     tasks: BTreeMap<MemberRef, (Probe, JoinHandle<()>)>,
     transitions: mpsc::UnboundedSender<Transition>,
+    latency: Arc<crate::metrics::CheckLatency>,
 }
 
 impl Monitors {
-    /// Monitors reporting transitions on `transitions`.
-    pub fn new(transitions: mpsc::UnboundedSender<Transition>) -> Self {
+    /// Monitors reporting transitions on `transitions` and each check's duration in
+    /// `latency`.
+    pub fn new(
+        transitions: mpsc::UnboundedSender<Transition>,
+        latency: Arc<crate::metrics::CheckLatency>,
+    ) -> Self {
         Self {
             tasks: BTreeMap::new(),
             transitions,
+            latency,
         }
     }
 
@@ -521,7 +527,12 @@ impl Monitors {
             if self.tasks.contains_key(member) {
                 continue;
             }
-            let task = tokio::spawn(run(member.clone(), probe.clone(), self.transitions.clone()));
+            let task = tokio::spawn(run(
+                member.clone(),
+                probe.clone(),
+                self.transitions.clone(),
+                self.latency.clone(),
+            ));
             self.tasks.insert(member.clone(), (probe.clone(), task));
             started.push(member.clone());
         }
@@ -542,7 +553,12 @@ impl Drop for Monitors {
     }
 }
 
-async fn run(member: MemberRef, probe: Probe, transitions: mpsc::UnboundedSender<Transition>) {
+async fn run(
+    member: MemberRef,
+    probe: Probe,
+    transitions: mpsc::UnboundedSender<Transition>,
+    latency: Arc<crate::metrics::CheckLatency>,
+) {
     tokio::time::sleep(jitter(&member, probe.delay)).await;
     let mut thresholds = Thresholds::default();
     let mut tick = tokio::time::interval(probe.delay);
@@ -550,8 +566,19 @@ async fn run(member: MemberRef, probe: Probe, transitions: mpsc::UnboundedSender
     let mut last_error = String::new();
     loop {
         tick.tick().await;
+        let started = std::time::Instant::now();
         let result = crate::health::probe(&probe).await;
         let ok = result.is_ok();
+        let labels = vec![
+            ("type".to_string(), probe.kind.to_string()),
+            (
+                "result".to_string(),
+                if ok { "ok" } else { "fail" }.to_string(),
+            ),
+        ];
+        latency
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
         if let Err(e) = result {
             last_error = e;
         }

@@ -1,9 +1,42 @@
-//! Prometheus text exposition (version 0.0.4) of the daemon's figures, rendered at scrape time
-//! from the same numbers `lbaas-ctl stats` and `status` show.
+//! Prometheus metrics (OpenMetrics text, `prometheus-client`) of the daemon's figures.
+//!
+//! The object counters live in the kernel (per-CPU maps) and in the proxy; they are read at
+//! scrape time, as `lbaas-ctl stats` reads them, and handed to the registry through a
+//! [`Collector`] of constant metrics, so a scrape and `stats` show the same numbers. The
+//! health-check latency is a real histogram the probes observe.
 
-use std::fmt::Write as _;
+use std::sync::Arc;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{
+        DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeMetric, MetricEncoder,
+    },
+    metrics::{
+        MetricType,
+        counter::ConstCounter,
+        family::Family,
+        gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
 
 use crate::{api::StatsResponse, status::StatusResponse};
+
+/// Health-check durations by monitor type and result (`ok`, `fail`), seconds.
+pub type CheckLatency = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
+
+/// A new health-check latency histogram family: 0.5 ms to ~4 s, doubling.
+pub fn check_latency() -> Arc<CheckLatency> {
+    fn histogram() -> Histogram {
+        Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+    }
+    Arc::new(Family::new_with_constructor(histogram))
+}
+
+/// The `Content-Type` of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Daemon-level figures that are not in the stats response.
 #[derive(Clone, Copy, Debug, Default)]
@@ -22,169 +55,253 @@ pub struct DaemonFigures {
     pub apply_seconds_sum: f64,
 }
 
-/// Escapes a label value.
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+type Labels = Vec<(String, String)>;
+
+/// One scrape's figures, as constant metrics.
+#[derive(Debug)]
+struct Scrape {
+    stats: StatsResponse,
+    status: StatusResponse,
+    daemon: DaemonFigures,
 }
 
-struct Out(String);
-
-impl Out {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {help}");
-        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+/// Writes one metric family of constant samples.
+fn family<N>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: Vec<(Labels, N)>,
+) -> std::fmt::Result
+where
+    N: EncodeCounterValue + EncodeGaugeValue + Copy + std::fmt::Debug,
+{
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    // A lone unlabelled sample is written as `name value`, not `name{} value`.
+    if let [(labels, value)] = samples.as_slice()
+        && labels.is_empty()
+    {
+        return write(kind, *value, metric);
     }
+    for (labels, value) in &samples {
+        write(kind, *value, metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}
 
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
-        let labels: Vec<String> = labels
-            .iter()
-            .map(|(k, v)| format!("{k}=\"{}\"", label(v)))
-            .collect();
-        if labels.is_empty() {
-            let _ = writeln!(self.0, "{name} {value}");
-        } else {
-            let _ = writeln!(self.0, "{name}{{{}}} {value}", labels.join(","));
+fn write<N>(kind: MetricType, value: N, sample: MetricEncoder) -> std::fmt::Result
+where
+    N: EncodeCounterValue + EncodeGaugeValue + std::fmt::Debug,
+{
+    match kind {
+        MetricType::Counter => ConstCounter::new(value).encode(sample),
+        _ => ConstGauge::new(value).encode(sample),
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let stats = &self.stats;
+        for (kind, names) in [
+            ("loadbalancer", &["loadbalancer"][..]),
+            ("listener", &["loadbalancer", "listener"][..]),
+            ("pool", &["loadbalancer", "pool"][..]),
+            ("member", &["loadbalancer", "pool", "member"][..]),
+        ] {
+            for (field, metric_kind, help) in [
+                (
+                    "active_connections",
+                    MetricType::Gauge,
+                    "Open connections (flows; requests in flight through the proxy).",
+                ),
+                ("bytes_in", MetricType::Counter, "Bytes from clients."),
+                ("bytes_out", MetricType::Counter, "Bytes to clients."),
+                (
+                    "total_connections",
+                    MetricType::Counter,
+                    "Connections (flows, proxied requests) handled.",
+                ),
+                (
+                    "request_errors",
+                    MetricType::Counter,
+                    "Failed requests (HTTP listeners).",
+                ),
+            ] {
+                let samples = stats
+                    .objects
+                    .iter()
+                    .filter(|o| o.kind == kind)
+                    .map(|o| {
+                        let parts: Vec<&str> = o.name.splitn(3, '/').collect();
+                        let pairs: Vec<(&str, &str)> =
+                            names.iter().copied().zip(parts.iter().copied()).collect();
+                        let value = match field {
+                            "active_connections" => o.active_connections,
+                            "bytes_in" => o.bytes_in,
+                            "bytes_out" => o.bytes_out,
+                            "total_connections" => o.total_connections,
+                            _ => o.request_errors,
+                        };
+                        (labels(&pairs), value)
+                    })
+                    .collect();
+                family(
+                    &mut encoder,
+                    &format!("lbaas_{kind}_{field}"),
+                    help,
+                    metric_kind,
+                    samples,
+                )?;
+            }
         }
-    }
-}
-
-/// Renders every metric.
-pub fn render(stats: &StatsResponse, status: &StatusResponse, daemon: &DaemonFigures) -> String {
-    let mut out = Out(String::new());
-    for (kind, labels) in [
-        ("loadbalancer", &["loadbalancer"][..]),
-        ("listener", &["loadbalancer", "listener"][..]),
-        ("pool", &["loadbalancer", "pool"][..]),
-        ("member", &["loadbalancer", "pool", "member"][..]),
-    ] {
-        for (field, metric_kind, help) in [
-            ("active_connections", "gauge", "Open connections (flows)."),
-            ("bytes_in", "counter", "IP bytes from clients."),
-            ("bytes_out", "counter", "IP bytes to clients."),
+        let listener = |l: &crate::api::ListenerCounters| {
+            labels(&[("loadbalancer", &l.loadbalancer), ("listener", &l.listener)])
+        };
+        family(
+            &mut encoder,
+            "lbaas_listener_refused_connections",
+            "New connections refused (connection limit, allowed_cidrs).",
+            MetricType::Counter,
+            stats
+                .listeners
+                .iter()
+                .map(|l| (listener(l), l.refused_connections))
+                .collect(),
+        )?;
+        family(
+            &mut encoder,
+            "lbaas_listener_member_errors",
+            "Requests the proxy answered itself because no member could (502, 503, 504).",
+            MetricType::Counter,
+            stats
+                .listeners
+                .iter()
+                .map(|l| (listener(l), l.member_errors))
+                .collect(),
+        )?;
+        let (mut up, mut operating) = (Vec::new(), Vec::new());
+        for s in &self.status.loadbalancers {
+            let lb = &s.statuses.loadbalancer;
+            let mut seen = std::collections::BTreeSet::new();
+            for p in lb.listeners.iter().flat_map(|l| &l.pools) {
+                for m in &p.members {
+                    if !seen.insert((p.name.clone(), m.id.clone())) {
+                        continue;
+                    }
+                    let member = [
+                        ("loadbalancer", lb.name.as_str()),
+                        ("pool", p.name.as_str()),
+                        ("member", m.id.as_str()),
+                    ];
+                    let is_up = matches!(m.operating_status.as_str(), "ONLINE" | "NO_MONITOR");
+                    up.push((labels(&member), u64::from(is_up)));
+                    let mut with_status = member.to_vec();
+                    with_status.push(("status", m.operating_status.as_str()));
+                    operating.push((labels(&with_status), 1u64));
+                }
+            }
+        }
+        family(
+            &mut encoder,
+            "lbaas_member_up",
+            "1 when a member may get new connections by its operating status (ONLINE, NO_MONITOR), else 0.",
+            MetricType::Gauge,
+            up,
+        )?;
+        family(
+            &mut encoder,
+            "lbaas_member_operating_status",
+            "1 for the member's current Octavia operating status.",
+            MetricType::Gauge,
+            operating,
+        )?;
+        family(
+            &mut encoder,
+            "lbaas_datapath_packets",
+            "Packets by what the data path did with them.",
+            MetricType::Counter,
+            stats
+                .datapath
+                .iter()
+                .map(|(reason, v)| (labels(&[("reason", reason)]), *v))
+                .collect(),
+        )?;
+        let d = &self.daemon;
+        for (name, help, kind, value) in [
             (
-                "total_connections",
-                "counter",
-                "Connections (flows) handled.",
+                "lbaas_conntrack_entries",
+                "Connection-table entries at the last sweep.",
+                MetricType::Gauge,
+                d.conntrack_entries,
             ),
             (
-                "request_errors",
-                "counter",
-                "Failed requests (HTTP listeners).",
+                "lbaas_conntrack_size",
+                "Connection-table capacity.",
+                MetricType::Gauge,
+                d.conntrack_size,
+            ),
+            (
+                "lbaas_applies",
+                "Configuration applies.",
+                MetricType::Counter,
+                d.applies,
+            ),
+            (
+                "lbaas_apply_failures",
+                "Applies refused or rolled back.",
+                MetricType::Counter,
+                d.apply_failures,
+            ),
+            (
+                "lbaas_map_update_errors",
+                "Map writes that failed (the apply was rolled back).",
+                MetricType::Counter,
+                d.map_update_errors,
             ),
         ] {
-            let suffix = if metric_kind == "counter" {
-                "_total"
-            } else {
-                ""
-            };
-            let name = format!("lbaas_{kind}_{field}{suffix}");
-            out.family(&name, metric_kind, help);
-            for o in stats.objects.iter().filter(|o| o.kind == kind) {
-                let parts: Vec<&str> = o.name.splitn(3, '/').collect();
-                let pairs: Vec<(&str, &str)> =
-                    labels.iter().copied().zip(parts.iter().copied()).collect();
-                let value = match field {
-                    "active_connections" => o.active_connections,
-                    "bytes_in" => o.bytes_in,
-                    "bytes_out" => o.bytes_out,
-                    "total_connections" => o.total_connections,
-                    _ => o.request_errors,
-                };
-                out.sample(&name, &pairs, value);
-            }
+            family(&mut encoder, name, help, kind, vec![(Labels::new(), value)])?;
         }
+        family(
+            &mut encoder,
+            "lbaas_apply_duration_seconds",
+            "Time spent applying configurations.",
+            MetricType::Counter,
+            vec![(Labels::new(), d.apply_seconds_sum)],
+        )?;
+        Ok(())
     }
-    out.family(
-        "lbaas_listener_refused_connections_total",
-        "counter",
-        "New connections refused (connection limit, no usable member).",
+}
+
+/// Renders every metric (OpenMetrics text).
+pub fn render(
+    stats: StatsResponse,
+    status: StatusResponse,
+    daemon: &DaemonFigures,
+    latency: &Arc<CheckLatency>,
+) -> String {
+    let mut registry = Registry::default();
+    registry.register(
+        "lbaas_health_check_duration_seconds",
+        "Health-check durations by monitor type and result.",
+        (**latency).clone(),
     );
-    for l in &stats.listeners {
-        out.sample(
-            "lbaas_listener_refused_connections_total",
-            &[("loadbalancer", &l.loadbalancer), ("listener", &l.listener)],
-            l.refused_connections,
-        );
+    registry.register_collector(Box::new(Scrape {
+        stats,
+        status,
+        daemon: *daemon,
+    }));
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        return format!("# error rendering metrics: {e}\n");
     }
-    out.family("lbaas_member_up", "gauge", "1 when a member may get new connections by its operating status (ONLINE, NO_MONITOR), else 0.");
-    out.family(
-        "lbaas_member_operating_status",
-        "gauge",
-        "1 for the member's current Octavia operating status.",
-    );
-    for s in &status.loadbalancers {
-        let lb = &s.statuses.loadbalancer;
-        let mut seen = std::collections::BTreeSet::new();
-        for p in lb.listeners.iter().flat_map(|l| &l.pools) {
-            for m in &p.members {
-                if !seen.insert((p.name.clone(), m.id.clone())) {
-                    continue;
-                }
-                let labels = [
-                    ("loadbalancer", lb.name.as_str()),
-                    ("pool", p.name.as_str()),
-                    ("member", m.id.as_str()),
-                ];
-                let up = matches!(m.operating_status.as_str(), "ONLINE" | "NO_MONITOR");
-                out.sample("lbaas_member_up", &labels, u8::from(up));
-                let mut with_status = labels.to_vec();
-                with_status.push(("status", m.operating_status.as_str()));
-                out.sample("lbaas_member_operating_status", &with_status, 1);
-            }
-        }
-    }
-    out.family(
-        "lbaas_datapath_packets_total",
-        "counter",
-        "Packets by what the data path did with them.",
-    );
-    for (reason, value) in &stats.datapath {
-        out.sample("lbaas_datapath_packets_total", &[("reason", reason)], value);
-    }
-    out.family(
-        "lbaas_conntrack_entries",
-        "gauge",
-        "Connection-table entries at the last sweep.",
-    );
-    out.sample("lbaas_conntrack_entries", &[], daemon.conntrack_entries);
-    out.family(
-        "lbaas_conntrack_size",
-        "gauge",
-        "Connection-table capacity.",
-    );
-    out.sample("lbaas_conntrack_size", &[], daemon.conntrack_size);
-    out.family("lbaas_applies_total", "counter", "Configuration applies.");
-    out.sample("lbaas_applies_total", &[], daemon.applies);
-    out.family(
-        "lbaas_apply_failures_total",
-        "counter",
-        "Applies refused or rolled back.",
-    );
-    out.sample("lbaas_apply_failures_total", &[], daemon.apply_failures);
-    out.family(
-        "lbaas_map_update_errors_total",
-        "counter",
-        "Map writes that failed (the apply was rolled back).",
-    );
-    out.sample(
-        "lbaas_map_update_errors_total",
-        &[],
-        daemon.map_update_errors,
-    );
-    out.family(
-        "lbaas_apply_duration_seconds_sum",
-        "counter",
-        "Time spent applying configurations.",
-    );
-    out.sample(
-        "lbaas_apply_duration_seconds_sum",
-        &[],
-        daemon.apply_seconds_sum,
-    );
-    out.0
+    out
 }
 
 #[cfg(test)]
@@ -218,13 +335,21 @@ mod tests {
                 },
             ],
         };
+        let latency = check_latency();
+        latency
+            .get_or_create(&vec![
+                ("type".to_string(), "HTTP".to_string()),
+                ("result".to_string(), "ok".to_string()),
+            ])
+            .observe(0.003);
         let text = render(
-            &stats,
-            &StatusResponse::default(),
+            stats,
+            StatusResponse::default(),
             &DaemonFigures {
                 conntrack_size: 1024,
                 ..Default::default()
             },
+            &latency,
         );
         assert!(
             text.contains(
@@ -237,11 +362,15 @@ mod tests {
         assert!(text.contains(
             "lbaas_listener_refused_connections_total{loadbalancer=\"lb\",listener=\"web\"} 2\n"
         ));
-        assert!(text.contains("lbaas_conntrack_size 1024\n"));
+        assert!(text.contains("lbaas_conntrack_size 1024\n"), "{text}");
+        assert!(text.contains("# TYPE lbaas_health_check_duration_seconds histogram\n"));
+        assert!(text.contains(
+            "lbaas_health_check_duration_seconds_bucket{le=\"0.004\",type=\"HTTP\",result=\"ok\"} 1\n"
+        ), "{text}");
+        assert!(text.ends_with("# EOF\n"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').expect("name and value");
             assert!(value.parse::<f64>().is_ok(), "{line}");
         }
-        assert_eq!(label("a\"b\\c"), "a\\\"b\\\\c");
     }
 }
