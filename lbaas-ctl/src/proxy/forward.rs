@@ -75,8 +75,6 @@ pub struct RequestPlan {
     pub default_pool: Option<String>,
     /// The load balancer's pools by name.
     pub pools: HashMap<String, Arc<ProxyPool>>,
-    /// Pools whose members are spoken to over TLS.
-    pub tls_pools: Vec<String>,
     /// Headers to insert.
     pub insert: InsertHeaders,
     /// The listener's port (X-Forwarded-Port).
@@ -277,11 +275,7 @@ fn member_request(
     client: SocketAddr,
     upgrade: bool,
 ) -> Request<ProxyBody> {
-    let scheme = if plan.tls_pools.contains(&pool.name) {
-        "https"
-    } else {
-        "http"
-    };
+    let scheme = if pool.tls { "https" } else { "http" };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri: Uri = format!("{scheme}://{}{path}", member.authority)
         .parse()

@@ -175,7 +175,7 @@ fn member_client(connect_timeout: Option<Duration>) -> MemberClient {
     http.set_nodelay(true);
     http.set_connect_timeout(connect_timeout);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config((*tls::member_client_config()).clone())
+        .with_tls_config((*crate::health::insecure_client_config()).clone())
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
@@ -232,12 +232,6 @@ impl Proxy {
                     (p.name.clone(), Arc::new(pool))
                 })
                 .collect();
-            let tls_pools: Vec<String> = lb
-                .pools
-                .iter()
-                .filter(|p| p.tls_enabled)
-                .map(|p| p.name.clone())
-                .collect();
             for (j, l) in l7 {
                 let at = format!("loadbalancers[{i}].listeners[{j}]");
                 let Ok(port) = u16::try_from(l.protocol_port) else {
@@ -273,7 +267,6 @@ impl Proxy {
                     policies: rules::Policies::compile(&l.l7policies, &at)?,
                     default_pool: l.default_pool.clone(),
                     pools: pools.clone(),
-                    tls_pools: tls_pools.clone(),
                     insert: InsertHeaders {
                         forwarded_for: truthy(&l.insert_headers, "X-Forwarded-For"),
                         forwarded_port: truthy(&l.insert_headers, "X-Forwarded-Port"),

@@ -130,6 +130,8 @@ pub struct ProxyPool {
     next: AtomicUsize,
     /// How sessions stick.
     pub persistence: Persistence,
+    /// Members are spoken to over TLS (`tls_enabled`).
+    pub tls: bool,
 }
 
 /// Where a member choice came from.
@@ -282,6 +284,7 @@ impl ProxyPool {
             table,
             next: AtomicUsize::new(0),
             persistence,
+            tls: pool.tls_enabled,
         }
     }
 

@@ -123,9 +123,3 @@ pub fn server_config(
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
-
-/// A client configuration for re-encrypting to members (`tls_enabled` pools). Like Octavia
-/// without a CA reference, member certificates are not verified.
-pub fn member_client_config() -> Arc<rustls::ClientConfig> {
-    crate::health::insecure_client_config()
-}
