@@ -530,6 +530,81 @@ fn the_connection_limit_refuses_the_third_concurrent_connection() {
     assert_eq!(second.echo("ok"), "member-1:ok");
 }
 
+/// `curl` of the VIP's port 80 from a given client source address (connect limit 1 s).
+fn curl_from(topo: &Topology, source: &str) -> Result<String, String> {
+    let out = topo.exec(
+        &topo.client(),
+        &[
+            "curl",
+            "-sS",
+            "--interface",
+            source,
+            "--connect-timeout",
+            "1",
+            "--max-time",
+            "3",
+            &format!("http://{VIP}/"),
+        ],
+    );
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+#[test]
+fn allowed_cidrs_on_a_tcp_listener_admit_only_their_sources() {
+    let (topo, daemon) = lab("cidrs", 1);
+    let other = "10.77.1.3";
+    topology::sh(&format!(
+        "ip -n {} addr add {other}/24 dev eth0",
+        topo.client()
+    ));
+    let with_cidrs = |cidrs: &str| {
+        two_listeners("ROUND_ROBIN", &[(1, "")], "").replacen(
+            "default_pool: web}",
+            &format!("default_pool: web, allowed_cidrs: [{cidrs}]}}"),
+            1,
+        )
+    };
+    apply(&topo, &daemon, &with_cidrs(&format!("{CLIENT_ADDR}/32")));
+    assert_eq!(curl_from(&topo, CLIENT_ADDR).unwrap(), "member-1");
+    let err = curl_from(&topo, other).expect_err("a source outside allowed_cidrs must not connect");
+    // Dropped like a security group drops, not refused: the client hears nothing.
+    assert!(
+        err.contains("timed out") || err.contains("Timeout"),
+        "{err}"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&ctl_ok(&daemon, &["stats", "-o", "json"])).unwrap();
+    let web = stats["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["listener"] == "web")
+        .unwrap()
+        .clone();
+    // The SYN and its retransmissions within the second: each a refused new flow.
+    assert!(web["refused_connections"].as_u64().unwrap() >= 1, "{stats}");
+    assert_eq!(web["total_connections"], 1, "{stats}");
+    let drops = stats["datapath"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|kv| kv[0] == "drop_source")
+        .unwrap()[1]
+        .as_u64()
+        .unwrap();
+    assert!(drops >= 1, "{stats}");
+    // Widened to the subnet: both sources are served.
+    apply(&topo, &daemon, &with_cidrs("10.77.1.0/24"));
+    assert_eq!(curl_from(&topo, other).unwrap(), "member-1");
+    assert_eq!(curl_from(&topo, CLIENT_ADDR).unwrap(), "member-1");
+    // The echo listener on the same VIP never filtered anyone.
+    assert_eq!(EchoConn::open(&topo, 7000).unwrap().member(), "member-1");
+}
+
 #[test]
 fn back_to_back_applies_under_traffic_lose_no_request() {
     let (mut topo, daemon) = lab("loop", 3);

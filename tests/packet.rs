@@ -1308,3 +1308,60 @@ fn interface_roles_confine_reverse_nat_to_the_member_side() {
         "reply on the member side"
     );
 }
+
+/// Two TCP listeners on one pool, each with its own `allowed_cidrs`.
+fn filtered_yaml(web_cidrs: &str, ssh_cidrs: &str) -> String {
+    format!(
+        "loadbalancers:\n  - name: lb\n    vip_address: {VIP}\n    listeners:\n      - {{name: web, protocol: TCP, protocol_port: 80, default_pool: p, allowed_cidrs: {web_cidrs}}}\n      - {{name: ssh, protocol: TCP, protocol_port: 22, default_pool: p, allowed_cidrs: {ssh_cidrs}}}\n    pools:\n      - {{name: p, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: [{{address: {M1}, protocol_port: 8080}}]}}\n"
+    )
+}
+
+#[test]
+fn allowed_cidrs_drop_new_flows_from_other_sources_per_listener() {
+    let ns = NetNs::enter();
+    let mut lb = Lb::from_yaml(&filtered_yaml("[10.1.0.2/32]", "[10.1.0.64/26]"));
+    let other = Ipv4Addr::new(10, 1, 0, 77);
+    let syn = |src: Ipv4Addr, sport: u16, port: u16| Frame {
+        src,
+        dport: port,
+        ..to_vip(sport)
+    };
+    let web_id = lb
+        .programmer
+        .listener_id(&ListenerRef {
+            loadbalancer: "lb".into(),
+            listener: "web".into(),
+        })
+        .unwrap();
+    // Each listener admits its own prefix, and only that: the trie is keyed by listener.
+    assert_eq!(forwarded_to(&lb, &syn(CLIENT, 41000, 80), ns.lan), M1);
+    assert_eq!(forwarded_to(&lb, &syn(other, 41001, 22), ns.lan), M1);
+    for (src, port) in [(other, 80), (CLIENT, 22)] {
+        let frame = syn(src, 41002, port).build();
+        assert_frame(
+            &format!("{src} to port {port}"),
+            lb.run(&frame, ns.lan),
+            XDP_DROP,
+            &frame,
+        );
+    }
+    assert_eq!(lb.stat("drop_source"), 2);
+    assert_eq!(lb.stat("refused_rst"), 0, "outside sources get no answer");
+    let web = lb.datapath.listener_stats(web_id).unwrap();
+    assert_eq!((web.new_flows, web.refused), (1, 1));
+
+    // The client's flow is established; then web's prefix moves away from it.
+    let mut ack = syn(CLIENT, 41000, 80);
+    ack.tcp_flags = 0x10;
+    forwarded_to(&lb, &ack, ns.lan);
+    lb.apply_yaml(&filtered_yaml("[10.1.0.64/26]", "[10.1.0.64/26]"));
+    // Established flows are not filtered again; new ones are, by the new prefixes.
+    forwarded_to(&lb, &ack, ns.lan);
+    let frame = syn(CLIENT, 41003, 80).build();
+    assert_frame("moved prefix", lb.run(&frame, ns.lan), XDP_DROP, &frame);
+    assert_eq!(forwarded_to(&lb, &syn(other, 41004, 80), ns.lan), M1);
+    // Without allowed_cidrs every source is served again.
+    lb.apply_yaml(&filtered_yaml("[]", "[]"));
+    assert_eq!(forwarded_to(&lb, &syn(CLIENT, 41005, 22), ns.lan), M1);
+    assert_eq!(lb.stat("drop_source"), 3);
+}

@@ -13,7 +13,7 @@
 /// Version of the shared layouts as a whole. Pins live under `v<LAYOUT_VERSION>` in the pin
 /// directory, so a build with other layouts never reuses maps it would misread; bump it with
 /// any change to a map's key or value type, size or kind.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Name of the VIP table: [`VipKey`] -> [`VipInfo`].
 pub const MAP_VIPS: &str = "LB_VIPS";
@@ -56,6 +56,13 @@ pub const IFACE_MEMBER: u32 = 1 << 1;
 /// Entries of [`MAP_IFACES`].
 pub const MAX_IFACES: u32 = 256;
 
+/// Name of the allowed-source table of listeners with `allowed_cidrs`: an LPM trie keyed by
+/// [`SourcePrefix`] (prefix length 32 + the CIDR's length, so the listener id always matches
+/// whole) -> `u8` (1). Consulted for new flows of listeners flagged [`VIP_F_SOURCE_FILTER`].
+pub const MAP_ALLOWED_SOURCES: &str = "LB_SRC_ALLOW";
+/// Entries of [`MAP_ALLOWED_SOURCES`] over all listeners.
+pub const MAX_ALLOWED_SOURCES: u32 = 65_536;
+
 /// Name of the per-CPU member counters: member id -> [`ListenerStats`] (same fields).
 pub const MAP_MEMBER_STATS: &str = "LB_MSTATS";
 /// Name of the per-CPU listener counters: listener id -> [`ListenerStats`].
@@ -64,8 +71,9 @@ pub const MAP_LISTENER_STATS: &str = "LB_LSTATS";
 pub const MAP_GLOBAL_STATS: &str = "LB_GSTATS";
 
 /// Every map, e.g. to pin them all.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 16] = [
     MAP_IFACES,
+    MAP_ALLOWED_SOURCES,
     MAP_MEMBER_STATS,
     MAP_NEXT_HOP,
     MAP_VIPS,
@@ -106,6 +114,9 @@ pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
 /// [`VipInfo::flags`]: the listener is served by the userspace proxy; the packet goes to
 /// the host stack untouched.
 pub const VIP_F_L7_PASS: u32 = 1 << 0;
+/// [`VipInfo::flags`]: the listener has `allowed_cidrs`; a new flow whose source is not in
+/// [`MAP_ALLOWED_SOURCES`] under the listener's id is dropped.
+pub const VIP_F_SOURCE_FILTER: u32 = 1 << 1;
 
 /// [`VipInfo::algorithm`]: weighted round robin over the ring (global rotation).
 pub const ALGO_ROUND_ROBIN: u32 = 0;
@@ -145,8 +156,11 @@ pub const STAT_PASS_L7: u32 = 7;
 pub const STAT_REFUSED_RST: u32 = 8;
 /// Global stat: new flows dropped by the connection limit (UDP, or TCP without SYN).
 pub const STAT_DROP_CONN_LIMIT: u32 = 9;
+/// Global stat: new flows dropped because their source is outside the listener's
+/// `allowed_cidrs`.
+pub const STAT_DROP_SOURCE: u32 = 10;
 /// Number of global stat slots.
-pub const STAT_COUNT: u32 = 10;
+pub const STAT_COUNT: u32 = 11;
 
 /// Key of the VIP table.
 #[repr(C)]
@@ -178,6 +192,25 @@ pub struct VipInfo {
     pub ring_len: u32,
     /// Most concurrent flows the listener takes; 0 for unlimited.
     pub conn_limit: u32,
+}
+
+/// Data of an [`MAP_ALLOWED_SOURCES`] key (the trie key adds the prefix length in front).
+/// Tries match bits from the first byte on: the listener id comes first and is always
+/// matched whole, then the source address's leading bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct SourcePrefix {
+    /// Listener id (the VIP's [`VipInfo::listener_id`]).
+    pub listener_id: u32,
+    /// Source address (network byte order); bits past the prefix are zero.
+    pub addr: u32,
+}
+
+impl SourcePrefix {
+    /// Trie prefix length of a CIDR of `cidr_len` bits: the listener id, then the address.
+    pub const fn trie_prefix_len(cidr_len: u8) -> u32 {
+        32 + cidr_len as u32
+    }
 }
 
 /// Value of the member table.
@@ -309,6 +342,7 @@ pub struct ListenerStats {
 
 const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 8);
+    assert!(core::mem::size_of::<SourcePrefix>() == 8);
     assert!(core::mem::size_of::<VipInfo>() == 24);
     assert!(core::mem::size_of::<MemberInfo>() == 16);
     assert!(core::mem::size_of::<FlowKey>() == 16);
@@ -370,6 +404,7 @@ mod user {
     // SAFETY: every type is #[repr(C)], made only of integers, with explicit padding, so any
     // bit pattern is valid and there are no uninitialised bytes.
     unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for SourcePrefix {}
     unsafe impl aya::Pod for VipInfo {}
     unsafe impl aya::Pod for MemberInfo {}
     unsafe impl aya::Pod for FlowKey {}

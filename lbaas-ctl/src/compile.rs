@@ -14,11 +14,12 @@ use std::{
 
 use lbaas_common::{
     ALGO_LEAST_CONNECTIONS, ALGO_MAGLEV_5TUPLE, ALGO_MAGLEV_SOURCE, ALGO_ROUND_ROBIN,
-    MAX_LISTENERS, MAX_MEMBERS, MemberInfo, RING_SLOTS, VIP_F_L7_PASS, VipInfo, VipKey,
+    MAX_LISTENERS, MAX_MEMBERS, MemberInfo, RING_SLOTS, VIP_F_L7_PASS, VIP_F_SOURCE_FILTER,
+    VipInfo, VipKey,
 };
 
 use crate::{
-    config::{Config, LbAlgorithm, PersistenceType, Pool},
+    config::{Config, LbAlgorithm, PersistenceType, Pool, parse_cidr},
     maglev,
 };
 
@@ -59,6 +60,8 @@ pub struct ListenerPlan {
     pub algorithm: u32,
     /// Most concurrent flows, 0 for unlimited.
     pub conn_limit: u32,
+    /// Source prefixes admitted (`allowed_cidrs`); empty admits every source. Sorted.
+    pub allowed: Vec<SourceCidr>,
     /// The listener's ring region: the round-robin schedule, the least-connections candidate
     /// list or the Maglev table, by `algorithm`. Empty refuses new connections.
     pub slots: Vec<MemberRef>,
@@ -72,6 +75,48 @@ pub struct DesiredTables {
     /// Every member of every pool a listener uses, with its weight (drained and disabled ones
     /// too, so that established flows keep their member).
     pub members: BTreeMap<MemberRef, MemberSpec>,
+}
+
+/// An IPv4 source prefix of `allowed_cidrs`, host bits cleared.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct SourceCidr {
+    /// Network address.
+    pub addr: Ipv4Addr,
+    /// Prefix length, 0-32.
+    pub len: u8,
+}
+
+impl SourceCidr {
+    /// The prefix of `addr/len` (host bits cleared; `len` above 32 is taken as 32).
+    pub fn new(addr: Ipv4Addr, len: u8) -> Self {
+        let len = len.min(32);
+        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+        Self {
+            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            len,
+        }
+    }
+
+    /// The IPv4 prefixes of a listener's `allowed_cidrs`, sorted and without duplicates
+    /// (validation refuses anything else, so nothing is skipped in a valid configuration).
+    pub fn from_config(cidrs: &[String]) -> Vec<Self> {
+        let set: BTreeSet<Self> = cidrs
+            .iter()
+            .filter_map(|c| match parse_cidr(c)? {
+                (std::net::IpAddr::V4(addr), len) => Some(Self::new(addr, len)),
+                _ => None,
+            })
+            .collect();
+        set.into_iter().collect()
+    }
+}
+
+impl std::fmt::Display for SourceCidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
 }
 
 /// What the data path holds for one member.
@@ -206,10 +251,16 @@ pub fn desired(
                     region = slots(algo, &usable, options);
                 }
             }
-            let flags = if listener.protocol.is_l4() {
-                0
+            // L7 listeners filter sources at accept, in the proxy.
+            let allowed = if listener.protocol.is_l4() {
+                SourceCidr::from_config(&listener.allowed_cidrs)
             } else {
-                VIP_F_L7_PASS
+                Vec::new()
+            };
+            let flags = match (listener.protocol.is_l4(), allowed.is_empty()) {
+                (false, _) => VIP_F_L7_PASS,
+                (true, false) => VIP_F_SOURCE_FILTER,
+                (true, true) => 0,
             };
             out.listeners.insert(
                 ListenerRef {
@@ -226,6 +277,7 @@ pub fn desired(
                     flags,
                     algorithm: algo,
                     conn_limit: u32::try_from(listener.connection_limit).unwrap_or(0),
+                    allowed,
                     slots: region,
                 },
             );
@@ -290,6 +342,13 @@ pub trait Tables {
     fn get_member(&mut self, id: u32) -> Result<MemberInfo, TableError>;
     /// Reads a VIP entry (for undo); `None` when absent.
     fn get_vip(&mut self, key: VipKey) -> Result<Option<VipInfo>, TableError>;
+    /// Admits a source prefix for a listener's new flows, or (`allowed` false) stops.
+    fn set_source_allowed(
+        &mut self,
+        listener_id: u32,
+        source: SourceCidr,
+        allowed: bool,
+    ) -> Result<(), TableError>;
 }
 
 /// One write to take back.
@@ -297,6 +356,8 @@ pub trait Tables {
 enum Undo {
     Member(u32, MemberInfo),
     Vip(VipKey, Option<VipInfo>),
+    /// The programmer writes only changes, so taking one back is writing its opposite.
+    Source(u32, SourceCidr, bool),
 }
 
 /// Records what every member and VIP write replaces, so a failed apply can be taken back.
@@ -316,6 +377,9 @@ impl UndoLog<'_> {
                 Undo::Member(id, info) => self.inner.set_member(id, info),
                 Undo::Vip(key, Some(info)) => self.inner.set_vip(key, info),
                 Undo::Vip(key, None) => self.inner.remove_vip(key),
+                Undo::Source(id, source, allowed) => {
+                    self.inner.set_source_allowed(id, source, !allowed)
+                }
             };
             if first.is_ok() {
                 first = result;
@@ -361,6 +425,17 @@ impl Tables for UndoLog<'_> {
     }
     fn get_vip(&mut self, key: VipKey) -> Result<Option<VipInfo>, TableError> {
         self.inner.get_vip(key)
+    }
+    fn set_source_allowed(
+        &mut self,
+        listener_id: u32,
+        source: SourceCidr,
+        allowed: bool,
+    ) -> Result<(), TableError> {
+        self.inner
+            .set_source_allowed(listener_id, source, allowed)?;
+        self.log.push(Undo::Source(listener_id, source, allowed));
+        Ok(())
     }
 }
 
@@ -507,6 +582,7 @@ struct LiveListener {
     vip: VipKey,
     info: VipInfo,
     schedule: Vec<u32>,
+    allowed: Vec<SourceCidr>,
 }
 
 /// What the programmer knows of the kernel tables, saved beside the pinned maps so that a
@@ -543,6 +619,9 @@ pub struct SnapshotListener {
     pub conn_limit: u32,
     /// The ring region's member ids.
     pub schedule: Vec<u32>,
+    /// Admitted source prefixes (`allowed_cidrs` of an L4 listener).
+    #[serde(default)]
+    pub allowed: Vec<SourceCidr>,
 }
 
 /// What an apply did to the tables, for logs.
@@ -639,6 +718,7 @@ impl Programmer {
                     ring_base: live.info.ring_base,
                     conn_limit: live.info.conn_limit,
                     schedule: live.schedule.clone(),
+                    allowed: live.allowed.clone(),
                 })
                 .collect(),
         }
@@ -707,6 +787,7 @@ impl Programmer {
                     vip,
                     info,
                     schedule: l.schedule.clone(),
+                    allowed: l.allowed.clone(),
                 },
             );
             used_listeners.insert(l.id);
@@ -862,6 +943,7 @@ impl Programmer {
                 && live.info.flags == plan.flags
                 && live.info.algorithm == plan.algorithm
                 && live.info.conn_limit == plan.conn_limit
+                && live.allowed == plan.allowed
             {
                 continue;
             }
@@ -899,8 +981,17 @@ impl Programmer {
                 ring_len: len,
                 conn_limit: plan.conn_limit,
             };
+            // Sources: added before the switch, withdrawn after it, so the listener never
+            // filters with a half-written set (briefly, it admits the union).
+            let live_allowed = live.as_ref().map_or(&[][..], |l| &l.allowed[..]);
+            for source in plan.allowed.iter().filter(|s| !live_allowed.contains(s)) {
+                tables.set_source_allowed(id, *source, true)?;
+            }
             tables.set_vip(plan.vip, info)?;
             summary.vips_written += 1;
+            for source in live_allowed.iter().filter(|s| !plan.allowed.contains(s)) {
+                tables.set_source_allowed(id, *source, false)?;
+            }
             if let Some(live) = &live {
                 if live.vip != plan.vip && !wanted_vips.contains(&live.vip) {
                     tables.remove_vip(live.vip)?;
@@ -916,6 +1007,7 @@ impl Programmer {
                     vip: plan.vip,
                     info,
                     schedule,
+                    allowed: plan.allowed.clone(),
                 },
             );
         }
@@ -930,6 +1022,10 @@ impl Programmer {
             let live = self.listeners.remove(&listener).expect("listed above");
             if !wanted_vips.contains(&live.vip) {
                 tables.remove_vip(live.vip)?;
+            }
+            // The id may be given to another listener: it must not inherit these.
+            for source in &live.allowed {
+                tables.set_source_allowed(live.id, *source, false)?;
             }
             self.quarantined
                 .push((live.info.ring_base, live.info.ring_len));

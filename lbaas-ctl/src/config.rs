@@ -867,11 +867,17 @@ fn validate_listener(c: &mut Checker, at: &str, l: &Listener, lb: &LoadBalancer)
         );
     }
     for (k, cidr) in l.allowed_cidrs.iter().enumerate() {
-        if parse_cidr(cidr).is_none() {
-            c.error(
+        match parse_cidr(cidr) {
+            None => c.error(
                 format!("{at}.allowed_cidrs[{k}]"),
                 format!("{cidr:?} is not a CIDR such as 192.0.2.0/24"),
-            );
+            ),
+            // As Octavia: the CIDR's IP version must be the VIP's, or it could never match.
+            Some((std::net::IpAddr::V6(_), _)) => c.error(
+                format!("{at}.allowed_cidrs[{k}]"),
+                format!("{cidr:?} is IPv6 but the VIP is IPv4; no client could match it"),
+            ),
+            Some(_) => {}
         }
     }
     if let Some(pool_name) = &l.default_pool {
@@ -945,13 +951,6 @@ fn validate_listener(c: &mut Checker, at: &str, l: &Listener, lb: &LoadBalancer)
                 ),
             );
         }
-    }
-    // What this version does not serve yet: refused rather than silently ignored.
-    if !l.allowed_cidrs.is_empty() && !http {
-        c.not_yet(
-            format!("{at}.allowed_cidrs"),
-            "source filtering on L4 listeners",
-        );
     }
 }
 

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{
+        Array, HashMap, MapData, MapError, PerCpuArray,
+        lpm_trie::{Key as TrieKey, LpmTrie},
+    },
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -17,10 +20,11 @@ use std::time::Duration;
 use lbaas_common::{
     FLOW_CLOSED, FlowCounters, FlowKey, FlowState, IPPROTO_UDP, ListenerStats, MAP_CONNS,
     MAP_CONNTRACK, MAP_EXPIRED, MAP_GLOBAL_STATS, MAP_LISTENER_STATS, MAP_MEMBERS, MAP_REVERSE,
-    MAP_RING, MAP_RR, MAP_VIPS, MAX_MEMBERS, MemberInfo, ReverseNat, STAT_COUNT, VipInfo, VipKey,
+    MAP_RING, MAP_RR, MAP_VIPS, MAX_MEMBERS, MemberInfo, ReverseNat, STAT_COUNT, SourcePrefix,
+    VipInfo, VipKey,
 };
 
-use crate::compile::{TableError, Tables};
+use crate::compile::{SourceCidr, TableError, Tables};
 
 /// The XDP object built by `build.rs` from `lbaas-ebpf`.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lbaas"));
@@ -42,6 +46,7 @@ pub const GLOBAL_STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_l7",
     "refused_rst",
     "drop_conn_limit",
+    "drop_source",
 ];
 
 /// Why the data path could not be loaded, attached or read.
@@ -290,6 +295,7 @@ pub struct KernelTables {
     conns: Array<MapData, FlowCounters>,
     expired: Array<MapData, u64>,
     member_stats: PerCpuArray<MapData, ListenerStats>,
+    allowed_sources: LpmTrie<MapData, SourcePrefix, u8>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -363,6 +369,7 @@ impl Datapath {
             conns: take(&mut ebpf, MAP_CONNS)?,
             expired: take(&mut ebpf, MAP_EXPIRED)?,
             member_stats: take(&mut ebpf, lbaas_common::MAP_MEMBER_STATS)?,
+            allowed_sources: take(&mut ebpf, lbaas_common::MAP_ALLOWED_SOURCES)?,
         };
         Ok(Self {
             conntrack: take(&mut ebpf, MAP_CONNTRACK)?,
@@ -760,6 +767,30 @@ impl Tables for KernelTables {
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err(MAP_VIPS)(e)),
         }
+    }
+
+    fn set_source_allowed(
+        &mut self,
+        listener_id: u32,
+        source: SourceCidr,
+        allowed: bool,
+    ) -> Result<(), TableError> {
+        let key = TrieKey::new(
+            SourcePrefix::trie_prefix_len(source.len),
+            SourcePrefix {
+                listener_id,
+                addr: u32::from_ne_bytes(source.addr.octets()),
+            },
+        );
+        let result = if allowed {
+            self.allowed_sources.insert(&key, 1, 0)
+        } else {
+            match self.allowed_sources.remove(&key) {
+                Err(MapError::KeyNotFound) => Ok(()),
+                other => other,
+            }
+        };
+        result.map_err(map_err(lbaas_common::MAP_ALLOWED_SOURCES))
     }
 
     fn reset_conn_counters(&mut self, slot: u32) -> Result<(), TableError> {

@@ -6,7 +6,8 @@ use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpCon
 use lbaas_common::{
     ALGO_LEAST_CONNECTIONS, ALGO_MAGLEV_5TUPLE, ALGO_MAGLEV_SOURCE, FLOW_CLOSED, FlowKey,
     FlowState, IPPROTO_TCP, MAX_LEAST_CONN_MEMBERS, MemberInfo, ReverseNat, STAT_DROP_NO_MEMBER,
-    STAT_PASS_L7, VIP_F_L7_PASS, VipInfo, hash_5tuple, hash_source,
+    STAT_DROP_SOURCE, STAT_PASS_L7, VIP_F_L7_PASS, VIP_F_SOURCE_FILTER, VipInfo, hash_5tuple,
+    hash_source,
 };
 
 use crate::{
@@ -37,6 +38,15 @@ pub fn to_member(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<u32, (
     let ((member_id, member), new_flow) = match known {
         Some(member) => (member, false),
         None => {
+            // Like a security group: an outside source gets no answer at all. Only new flows
+            // are checked, so the lookup costs established traffic nothing.
+            if vip.flags & VIP_F_SOURCE_FILTER != 0
+                && !maps::source_allowed(vip.listener_id, pkt.src_addr)
+            {
+                maps::count_refused(vip.listener_id);
+                maps::count(STAT_DROP_SOURCE);
+                return Ok(xdp_action::XDP_DROP);
+            }
             if vip.conn_limit != 0
                 && maps::active_flows(maps::listener_slot(vip.listener_id))
                     >= u64::from(vip.conn_limit)

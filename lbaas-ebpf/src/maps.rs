@@ -2,14 +2,15 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use lbaas_common::{
     CONN_COUNTER_SLOTS, DEFAULT_CONNTRACK_SIZE, FlowCounters, FlowKey, FlowState, ListenerStats,
-    MAX_IFACES, MAX_LISTENERS, MAX_MEMBERS, MAX_VIPS, MemberInfo, NEXT_HOP_ENTRIES, NextHop,
-    NextHopKey, RING_SLOTS, ReverseNat, STAT_COUNT, VipInfo, VipKey,
+    MAX_ALLOWED_SOURCES, MAX_IFACES, MAX_LISTENERS, MAX_MEMBERS, MAX_VIPS, MemberInfo,
+    NEXT_HOP_ENTRIES, NextHop, NextHopKey, RING_SLOTS, ReverseNat, STAT_COUNT, SourcePrefix,
+    VipInfo, VipKey,
 };
 
 /// VIP:port:protocol -> listener.
@@ -48,6 +49,21 @@ pub static LB_CT_SYN: LruHashMap<FlowKey, FlowState> =
 #[map(name = "LB_CT_SYN_REV")]
 pub static LB_CT_SYN_REV: LruHashMap<FlowKey, ReverseNat> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+/// Allowed source prefixes of listeners with `allowed_cidrs` (see `VIP_F_SOURCE_FILTER`).
+#[map(name = "LB_SRC_ALLOW")]
+pub static LB_SRC_ALLOW: LpmTrie<SourcePrefix, u8> =
+    LpmTrie::with_max_entries(MAX_ALLOWED_SOURCES, 0);
+
+/// Whether a listener's `allowed_cidrs` admit a source address (network order).
+#[inline(always)]
+pub fn source_allowed(listener_id: u32, addr: u32) -> bool {
+    let key = Key::new(
+        SourcePrefix::trie_prefix_len(32),
+        SourcePrefix { listener_id, addr },
+    );
+    LB_SRC_ALLOW.get(&key).is_some()
+}
 
 /// Cached FIB answers (see `NEXT_HOP_TTL_NS`).
 #[map(name = "LB_NEXTHOP")]

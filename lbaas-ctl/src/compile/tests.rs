@@ -20,6 +20,10 @@ struct MemoryTables {
     writes: usize,
     /// Open flows per counter slot, as a test sets them.
     active: HashMap<u32, u64>,
+    /// Admitted sources per listener id.
+    sources: BTreeSet<(u32, SourceCidr)>,
+    /// Sources every filtering VIP must find admitted the moment it is written.
+    filter_needs: Vec<SourceCidr>,
 }
 
 impl MemoryTables {
@@ -70,6 +74,14 @@ impl Tables for MemoryTables {
         Ok(())
     }
     fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), TableError> {
+        if info.flags & VIP_F_SOURCE_FILTER != 0 {
+            for source in &self.filter_needs {
+                assert!(
+                    self.sources.contains(&(info.listener_id, *source)),
+                    "{key:?} filters before {source} is admitted"
+                );
+            }
+        }
         self.vips.insert(key, info);
         self.writes += 1;
         self.check_consistent();
@@ -95,6 +107,25 @@ impl Tables for MemoryTables {
     }
     fn get_vip(&mut self, key: VipKey) -> Result<Option<VipInfo>, TableError> {
         Ok(self.vips.get(&key).copied())
+    }
+    fn set_source_allowed(
+        &mut self,
+        listener_id: u32,
+        source: SourceCidr,
+        allowed: bool,
+    ) -> Result<(), TableError> {
+        let changed = if allowed {
+            self.sources.insert((listener_id, source))
+        } else {
+            self.sources.remove(&(listener_id, source))
+        };
+        assert!(
+            changed,
+            "{source} of listener {listener_id} written without a change"
+        );
+        self.writes += 1;
+        self.check_consistent();
+        Ok(())
     }
 }
 
@@ -614,14 +645,30 @@ impl Tables for FailingTables {
     fn get_vip(&mut self, key: VipKey) -> Result<Option<VipInfo>, TableError> {
         self.inner.get_vip(key)
     }
+    fn set_source_allowed(
+        &mut self,
+        listener_id: u32,
+        source: SourceCidr,
+        allowed: bool,
+    ) -> Result<(), TableError> {
+        self.write()?;
+        self.inner.set_source_allowed(listener_id, source, allowed)
+    }
 }
 
 /// Every VIP with the members its region names.
 type VisibleVips = Vec<(VipKey, VipInfo, Vec<(Ipv4Addr, u16)>)>;
 
+/// What the data path can see: VIPs, live member slots, admitted sources.
+type Visible = (
+    VisibleVips,
+    Vec<(u32, MemberInfo)>,
+    BTreeSet<(u32, SourceCidr)>,
+);
+
 /// What the data path can see: every VIP with the members its region names, and every live
 /// member slot.
-fn visible(t: &MemoryTables) -> (VisibleVips, Vec<(u32, MemberInfo)>) {
+fn visible(t: &MemoryTables) -> Visible {
     let mut vips: Vec<_> = t
         .vips
         .iter()
@@ -635,23 +682,25 @@ fn visible(t: &MemoryTables) -> (VisibleVips, Vec<(u32, MemberInfo)>) {
         .map(|(id, m)| (*id, *m))
         .collect();
     members.sort_by_key(|m| m.0);
-    (vips, members)
+    (vips, members, t.sources.clone())
 }
 
 #[test]
 fn a_failed_apply_is_rolled_back_whatever_write_fails() {
-    let two_listeners = |members: &str, port2: u16| {
+    let two_listeners = |members: &str, port2: u16, cidrs: &str| {
         config::load_str(&format!(
-            "loadbalancers:\n  - name: lb\n    vip_address: 10.9.0.1\n    listeners:\n      - {{name: web, protocol: TCP, protocol_port: 80, default_pool: p}}\n      - {{name: alt, protocol: TCP, protocol_port: {port2}, default_pool: p}}\n    pools:\n      - {{name: p, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: {members}}}\n"
+            "loadbalancers:\n  - name: lb\n    vip_address: 10.9.0.1\n    listeners:\n      - {{name: web, protocol: TCP, protocol_port: 80, default_pool: p, allowed_cidrs: {cidrs}}}\n      - {{name: alt, protocol: TCP, protocol_port: {port2}, default_pool: p}}\n    pools:\n      - {{name: p, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: {members}}}\n"
         ), "t").unwrap()
     };
     let a = two_listeners(
         "[{address: 10.9.1.1, protocol_port: 8080}, {address: 10.9.1.2, protocol_port: 8080}]",
         81,
+        "[10.0.0.0/8, 192.0.2.0/24]",
     );
     let b = two_listeners(
         "[{address: 10.9.1.2, protocol_port: 8080, weight: 3}, {address: 10.9.1.3, protocol_port: 8080}]",
         82,
+        "[192.0.2.0/24, 198.51.100.0/24]",
     );
     // How many writes the change takes when nothing fails.
     let mut probe = FailingTables {
@@ -701,4 +750,81 @@ fn a_failed_apply_is_rolled_back_whatever_write_fails() {
             vec![ip(2), ip(2), ip(3), ip(2)]
         );
     }
+}
+
+/// The sources admitted for a listener id.
+fn sources_of(t: &MemoryTables, id: u32) -> Vec<String> {
+    t.sources
+        .iter()
+        .filter(|(l, _)| *l == id)
+        .map(|(_, s)| s.to_string())
+        .collect()
+}
+
+#[test]
+fn allowed_cidrs_are_written_before_the_vip_filters_and_withdrawn_after() {
+    let with_cidrs = |cidrs: &str| {
+        config::load_str(&format!(
+            "loadbalancers:\n  - name: lb\n    vip_address: 10.9.0.1\n    listeners:\n      - {{name: web, protocol: TCP, protocol_port: 80, default_pool: p{cidrs}}}\n    pools:\n      - {{name: p, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: [{{address: 10.9.1.1, protocol_port: 8080}}]}}\n"
+        ), "t").unwrap()
+    };
+    let mut tables = MemoryTables::default();
+    let mut p = Programmer::new();
+    // Host bits are cleared and duplicates merged.
+    let first = desired_default(&with_cidrs(
+        ", allowed_cidrs: [10.1.2.3/8, 10.0.0.0/8, 192.0.2.7/32]",
+    ));
+    tables.filter_needs = first.listeners.values().next().unwrap().allowed.clone();
+    p.apply(&mut tables, &first).unwrap();
+    let info = tables.vips[&web_key()];
+    assert_eq!(info.flags, VIP_F_SOURCE_FILTER);
+    let id = info.listener_id;
+    assert_eq!(sources_of(&tables, id), ["10.0.0.0/8", "192.0.2.7/32"]);
+
+    let second = desired_default(&with_cidrs(
+        ", allowed_cidrs: [192.0.2.7/32, 198.51.100.0/24]",
+    ));
+    tables.filter_needs = second.listeners.values().next().unwrap().allowed.clone();
+    let summary = p.apply(&mut tables, &second).unwrap();
+    assert_eq!(summary.vips_written, 1);
+    assert_eq!(sources_of(&tables, id), ["192.0.2.7/32", "198.51.100.0/24"]);
+    // An unchanged apply writes nothing.
+    let writes = tables.writes;
+    p.apply(&mut tables, &second).unwrap();
+    assert_eq!(tables.writes, writes);
+
+    // No cidrs: the filter is off before any source is withdrawn.
+    tables.filter_needs.clear();
+    p.apply(&mut tables, &desired_default(&with_cidrs("")))
+        .unwrap();
+    assert_eq!(tables.vips[&web_key()].flags, 0);
+    assert!(tables.sources.is_empty(), "{:?}", tables.sources);
+
+    // A removed listener takes its sources along (its id may be reused).
+    p.apply(&mut tables, &second).unwrap();
+    assert_eq!(sources_of(&tables, id).len(), 2);
+    p.apply(&mut tables, &DesiredTables::default()).unwrap();
+    assert!(tables.sources.is_empty(), "{:?}", tables.sources);
+
+    // A restored programmer knows what it admitted.
+    p.apply(&mut tables, &second).unwrap();
+    let mut restored = Programmer::restore(&p.snapshot(), Duration::from_secs(1));
+    let writes = tables.writes;
+    restored.apply(&mut tables, &second).unwrap();
+    assert_eq!(
+        tables.writes, writes,
+        "a restored programmer rewrote sources"
+    );
+}
+
+#[test]
+fn l7_listeners_leave_source_filtering_to_the_proxy() {
+    let c = config::load_str(
+        "loadbalancers:\n  - name: lb\n    vip_address: 10.9.0.1\n    listeners:\n      - {name: web, protocol: HTTP, protocol_port: 80, default_pool: p, allowed_cidrs: [10.0.0.0/8]}\n    pools:\n      - {name: p, protocol: HTTP, lb_algorithm: ROUND_ROBIN, members: [{address: 10.9.1.1, protocol_port: 8080}]}\n",
+        "t",
+    )
+    .unwrap();
+    let plan = desired_default(&c).listeners.into_values().next().unwrap();
+    assert_eq!(plan.flags, VIP_F_L7_PASS);
+    assert!(plan.allowed.is_empty());
 }

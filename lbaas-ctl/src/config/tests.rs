@@ -366,15 +366,27 @@ fn l7_policies_only_on_http_listeners_and_rules_checked() {
 }
 
 #[test]
-fn unsupported_features_are_refused_clearly() {
+fn allowed_cidrs_on_l4_listeners_are_checked_entry_by_entry() {
     let e = errors_after(
         "protocol_port: 22\n",
-        "protocol_port: 22\n        allowed_cidrs: [10.0.0.0/8]\n",
+        "protocol_port: 22\n        allowed_cidrs: [10.0.0.0/8, 192.0.2.7/32]\n",
     );
-    assert_one(
-        e,
-        "loadbalancers[0].listeners[0].allowed_cidrs: source filtering on L4 listeners is not supported yet",
+    assert_eq!(e, Vec::<String>::new());
+    let e = errors_after(
+        "protocol_port: 22\n",
+        "protocol_port: 22\n        allowed_cidrs: [10.0.0.0/8, 2001:db8::/32, 10.0.0.0/33]\n",
     );
+    assert_eq!(e.len(), 2, "{e:#?}");
+    for expected in [
+        "loadbalancers[0].listeners[0].allowed_cidrs[1]: \"2001:db8::/32\" is IPv6 but the VIP is IPv4; no client could match it",
+        "loadbalancers[0].listeners[0].allowed_cidrs[2]: \"10.0.0.0/33\" is not a CIDR such as 192.0.2.0/24",
+    ] {
+        assert!(e.contains(&expected.to_string()), "{expected}\n{e:#?}");
+    }
+}
+
+#[test]
+fn unsupported_features_are_refused_clearly() {
     let e = errors_after(
         "lb_algorithm: ROUND_ROBIN",
         "lb_algorithm: ROUND_ROBIN\n        session_persistence: {type: HTTP_COOKIE}",
