@@ -64,6 +64,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3",
     "procps",
     "openssl",
+    // The end-to-end benchmark: members, load generator, the systems compared, the plot's font.
+    "nginx-light",
+    "wrk",
+    "haproxy",
+    "nftables",
+    "fonts-dejavu-core",
 ];
 
 /// bpf-linker release known to work with aya 0.14 (see shared/TOOLCHAIN.md).
@@ -462,9 +468,23 @@ fn main() -> anyhow::Result<()> {
             }
             c.arg("--out").arg(&out);
             status(c)?;
+            let plot = if quick {
+                std::env::temp_dir().join("lbaas-bench-quick.png")
+            } else {
+                workspace().join("benchmarks/endtoend.png")
+            };
+            let mut c = cargo(&["bench", "-p", "lbaas-ctl", "--bench", "endtoend", "--"]);
+            if quick {
+                c.arg("--quick");
+            }
+            c.arg("--out").arg(&out).arg("--plot").arg(&plot);
+            status(c)?;
             let report = std::fs::read_to_string(&out)?;
             ensure!(
-                report.contains("ns/packet") && report.contains("Maglev"),
+                report.contains("ns/packet")
+                    && report.contains("Maglev")
+                    && report.contains("ratio to direct")
+                    && plot.exists(),
                 "the benchmark produced no figures"
             );
             println!("bench: report written to {}", out.display());
