@@ -83,7 +83,16 @@ fn pool_yaml(algorithm: &str) -> String {
 /// The data path with a configuration applied and the two arms' roles set, as the daemon
 /// does in two-arm mode.
 fn loaded(yaml: &str, ns: &NetNs) -> (Datapath, Programmer) {
-    let mut dp = Datapath::load(LoadOptions::default()).expect("load the data path");
+    loaded_sized(yaml, ns, LoadOptions::default().conntrack_size)
+}
+
+/// The same with a connection table of `conntrack_size` entries.
+fn loaded_sized(yaml: &str, ns: &NetNs, conntrack_size: u32) -> (Datapath, Programmer) {
+    let mut dp = Datapath::load(LoadOptions {
+        conntrack_size,
+        ..LoadOptions::default()
+    })
+    .expect("load the data path");
     dp.set_roles(ns.lan, lbaas_common::IFACE_CLIENT)
         .expect("roles");
     dp.set_roles(ns.mem, lbaas_common::IFACE_MEMBER)
@@ -97,6 +106,42 @@ fn loaded(yaml: &str, ns: &NetNs) -> (Datapath, Programmer) {
         )
         .expect("program the tables");
     (dp, programmer)
+}
+
+/// One listener on :80 as in [`pool_yaml`], plus `extra` TCP listeners of one member each on
+/// ports 1000.. of the same VIP.
+fn many_vips_yaml(extra: u32) -> String {
+    let mut yaml = pool_yaml("ROUND_ROBIN");
+    let pools_at = yaml.find("    pools:\n").expect("pools");
+    let mut listeners = String::new();
+    let mut pools = String::new();
+    for k in 0..extra {
+        listeners.push_str(&format!(
+            "      - {{name: l{k}, protocol: TCP, protocol_port: {}, default_pool: p{k}}}\n",
+            1000 + k
+        ));
+        pools.push_str(&format!(
+            "      - {{name: p{k}, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: [{{address: 10.2.0.11, protocol_port: 8080}}]}}\n"
+        ));
+    }
+    yaml.insert_str(pools_at, &listeners);
+    yaml.push_str(&pools);
+    yaml
+}
+
+/// Opens the flow CLIENT:40000 -> VIP:80 (SYN, then ACK) and returns a data segment of it.
+fn established_flow(program: &Xdp, ns: &NetNs) -> Vec<u8> {
+    measure(program, &mut |_| syn(40000, CLIENT), ns.lan, 1, 1);
+    let data = Frame {
+        tcp_flags: 0x18,
+        payload: vec![b'x'; 64],
+        src_mac: CLIENT_MAC,
+        dst_mac: LAN_MAC,
+        ..Frame::tcp((CLIENT, 40000), (VIP, 80))
+    }
+    .build();
+    measure(program, &mut |_| data.clone(), ns.lan, 1, 1);
+    data
 }
 
 fn syn(sport: u16, src: Ipv4Addr) -> Vec<u8> {
@@ -236,18 +281,8 @@ fn main() {
         });
     }
 
-    // Established flow: SYN and ACK once, then the same data segment on every call.
     let program = rr.program().unwrap();
-    measure(program, &mut |_| syn(40000, CLIENT), ns.lan, 1, 1);
-    let data = Frame {
-        tcp_flags: 0x18,
-        payload: vec![b'x'; 64],
-        src_mac: CLIENT_MAC,
-        dst_mac: LAN_MAC,
-        ..Frame::tcp((CLIENT, 40000), (VIP, 80))
-    }
-    .build();
-    measure(program, &mut |_| data.clone(), ns.lan, 1, 1);
+    let data = established_flow(program, &ns);
     let est = median(
         (0..s.rounds)
             .map(|_| measure(program, &mut |_| data.clone(), ns.lan, s.calls, 1))
@@ -300,6 +335,90 @@ fn main() {
         floor: floor_one,
         goal: Some(3.0),
     });
+
+    // Scale of cost: the same paths with 1,000 VIPs configured, and with a full connection
+    // table (flows opened through the program itself, SYN then ACK).
+    let (many, _) = loaded(&many_vips_yaml(1_000), &ns);
+    let program = many.program().unwrap();
+    let data = established_flow(program, &ns);
+    let est_many = median(
+        (0..s.rounds)
+            .map(|_| measure(program, &mut |_| data.clone(), ns.lan, s.calls, 1))
+            .collect(),
+    );
+    let mut scale_rows = vec![
+        (
+            "established TCP flow, 1 VIP, a handful of flows".to_string(),
+            est,
+        ),
+        ("established TCP flow, 1,000 VIPs".to_string(), est_many),
+    ];
+    drop(many);
+    let table_flows: u32 = if quick { 10_000 } else { 1_000_000 };
+    let (full, _) = loaded_sized(&pool_yaml("ROUND_ROBIN"), &ns, table_flows + 65_536);
+    let program = full.program().unwrap();
+    let fill_start = Instant::now();
+    for i in 0..table_flows {
+        let src = Ipv4Addr::from(0x0c00_0000 + i);
+        let sport = 1024 + (i % 60_000) as u16;
+        measure(program, &mut |_| syn(sport, src), ns.lan, 1, 1);
+        let ack = Frame {
+            src,
+            tcp_flags: 0x10,
+            src_mac: CLIENT_MAC,
+            dst_mac: LAN_MAC,
+            ..Frame::tcp((CLIENT, sport), (VIP, 80))
+        }
+        .build();
+        measure(program, &mut |_| ack.clone(), ns.lan, 1, 1);
+    }
+    let in_table = full.flow_count();
+    eprintln!(
+        "filled the connection table with {in_table} flows in {:.1} s",
+        fill_start.elapsed().as_secs_f64()
+    );
+    let data = established_flow(program, &ns);
+    let est_full = median(
+        (0..s.rounds)
+            .map(|_| measure(program, &mut |_| data.clone(), ns.lan, s.calls, 1))
+            .collect(),
+    );
+    let mut round = 0u32;
+    let new_full = median(
+        (0..s.rounds)
+            .map(|_| {
+                round += 1;
+                let r = round;
+                measure(
+                    program,
+                    &mut |i| {
+                        syn(
+                            1024 + (i % 60000) as u16,
+                            Ipv4Addr::from(0x0d00_0000 + (r << 20) + i),
+                        )
+                    },
+                    ns.lan,
+                    s.calls,
+                    1,
+                )
+            })
+            .collect(),
+    );
+    scale_rows.push((
+        format!("established TCP flow, {in_table} flows in the connection table"),
+        est_full,
+    ));
+    scale_rows.push((
+        "new TCP flow (SYN), ROUND_ROBIN, a handful of flows".to_string(),
+        rows.iter()
+            .find(|r| r.name.ends_with("ROUND_ROBIN"))
+            .map_or(0.0, |r| r.ns),
+    ));
+    scale_rows.push((
+        format!("new TCP flow (SYN), ROUND_ROBIN, {in_table} flows in the connection table"),
+        new_full,
+    ));
+    drop(full);
 
     // Control plane.
     let backends: Vec<maglev::Backend> = (0..1000u32)
@@ -398,6 +517,21 @@ fn main() {
         "\nRewriting paths are taken one packet per call (`repeat = 1`, a fresh frame per call for new flows), from the kernel's own per-run duration; the floor is taken the same way, so both include the per-run timing overhead of `repeat = 1`, which compresses the ratios. The pass-through path is also taken with `repeat = {}` beside the floor taken likewise. Median of {} rounds of {} calls, thread pinned to CPU 0.\n",
         s.repeat, s.rounds, s.calls
     );
+    let _ = writeln!(
+        md,
+        "## Scale of cost: the same paths with more VIPs and a fuller connection table\n\n| path | ns/packet | do-nothing | ratio |\n|---|---:|---:|---:|"
+    );
+    for (name, value) in &scale_rows {
+        let _ = writeln!(
+            md,
+            "| {name} | {value:.1} | {floor_one:.1} | {:.2}x |",
+            value / floor_one
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nThe connection table is filled through the program itself (a SYN and an ACK per flow, so the flows are in the established table, not the half-open one), sized to hold them all. Same method as above.\n"
+    );
     let _ = writeln!(md, "## Control plane\n\n| what | ms |\n|---|---:|");
     let _ = writeln!(
         md,
@@ -409,10 +543,6 @@ fn main() {
             "| apply {members} members in 100 pools to fresh kernel maps (validated config to tables) | {ms:.1} |"
         );
     }
-    let _ = writeln!(
-        md,
-        "\nNot measured yet: end-to-end requests/s and connections/s against direct routing, nftables DNAT and HAProxy; failover convergence; health-check CPU at 10,000 members; cost from 1 to 1,000 VIPs and 10 to 1M connection-table entries."
-    );
     std::fs::write(&out_path, &md).expect("write the report");
     print!("{md}");
 }
