@@ -412,6 +412,29 @@ fn demo(keep: bool) -> anyhow::Result<()> {
             Err(e) => bail!("curl #{i} failed: {e}\n{}", topo.log("daemon.log")),
         }
     }
+    println!("== the HTTP listener (L7 proxy): two requests, then one its REJECT policy answers");
+    let l7 = format!("http://{}:8080/", topology::VIP);
+    for i in 1..=2 {
+        match topo.curl(&l7) {
+            Ok(body) => println!("curl :8080/ #{i}: {body}"),
+            Err(e) => bail!("curl :8080/ #{i} failed: {e}\n{}", topo.log("daemon.log")),
+        }
+    }
+    let out = topo.exec(
+        &topo.client(),
+        &[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("{l7}admin"),
+        ],
+    );
+    let code = String::from_utf8_lossy(&out.stdout).to_string();
+    ensure!(code == "403", "curl :8080/admin answered {code}, not 403");
+    println!("curl :8080/admin: {code}");
     println!("== lbaas-ctl get members");
     print!("{}", ctl(&binary, &socket, &["get", "members"])?);
     println!("== lbaas-ctl stats");
