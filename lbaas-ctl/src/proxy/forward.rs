@@ -83,8 +83,8 @@ pub struct RequestPlan {
     pub https: bool,
     /// How long a member may take to answer (`timeout_member_data`); `None`: no limit.
     pub member_data_timeout: Option<Duration>,
-    /// The client to members.
-    pub client: MemberClient,
+    /// How long connecting to a member may take (`timeout_member_connect`).
+    pub member_connect_timeout: Option<Duration>,
     /// The listener's counters.
     pub counters: Arc<ListenerCounters>,
 }
@@ -350,7 +350,7 @@ async fn forward(
             None => full(Bytes::new()),
         };
         let request = member_request(&parts, sent, &member, plan, pool, client, upgrade);
-        let pending = plan.client.request(request);
+        let pending = super::shards::member_client(plan.member_connect_timeout).request(request);
         let result = match plan.member_data_timeout {
             Some(limit) => match tokio::time::timeout(limit, pending).await {
                 Ok(r) => r.map_err(Some),

@@ -15,6 +15,7 @@
 pub mod forward;
 pub mod pool;
 pub mod rules;
+pub mod shards;
 pub mod tls;
 
 use std::{
@@ -29,7 +30,6 @@ use std::{
 
 use hyper::service::service_fn;
 use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
@@ -39,7 +39,7 @@ use crate::{
     compile::{ListenerRef, MemberRef},
     config::{Config, ListenerProtocol, parse_cidr},
 };
-use forward::{InsertHeaders, ListenerCounters, MemberClient, RequestPlan};
+use forward::{InsertHeaders, ListenerCounters, RequestPlan};
 use pool::{MemberCounters, PoolRegistry, ProxyPool};
 
 /// Why an apply cannot be served by the proxy; nothing was changed.
@@ -126,13 +126,15 @@ impl Shared {
 
 struct Running {
     shared: Arc<Shared>,
-    accept: tokio::task::JoinHandle<()>,
+    /// One accept loop per serving thread.
+    accept: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// What [`Proxy::prepare`] made, for [`Proxy::install`].
 pub struct Prepared {
     plans: Vec<(SocketAddrV4, ListenerPlan)>,
-    sockets: HashMap<SocketAddrV4, std::net::TcpListener>,
+    /// New listeners' sockets, one per serving thread.
+    sockets: HashMap<SocketAddrV4, Vec<std::net::TcpListener>>,
 }
 
 /// An L7 listener's counters, for statistics.
@@ -150,7 +152,6 @@ pub struct Proxy {
     running: HashMap<SocketAddrV4, Running>,
     registry: PoolRegistry,
     counters: HashMap<ListenerRef, Arc<ListenerCounters>>,
-    clients: HashMap<Option<Duration>, MemberClient>,
 }
 
 /// A timeout in ms from the YAML; 0 means none, as in HAProxy.
@@ -169,30 +170,21 @@ fn truthy(headers: &std::collections::BTreeMap<String, String>, name: &str) -> b
     })
 }
 
-fn member_client(connect_timeout: Option<Duration>) -> MemberClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(connect_timeout);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config((*crate::health::insecure_client_config()).clone())
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(https)
-}
-
-/// Binds a listening socket on VIP:port, whether or not the VIP is on an interface yet.
-fn bind(addr: SocketAddrV4) -> io::Result<std::net::TcpListener> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.set_freebind(true)?;
-    socket.bind(&SocketAddr::V4(addr).into())?;
-    socket.listen(1024)?;
-    socket.set_nonblocking(true)?;
-    Ok(socket.into())
+/// Binds one listening socket on VIP:port per serving thread (`SO_REUSEPORT`: the kernel
+/// spreads connections over them), whether or not the VIP is on an interface yet.
+fn bind(addr: SocketAddrV4, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    (0..count)
+        .map(|_| {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            socket.set_freebind(true)?;
+            socket.bind(&SocketAddr::V4(addr).into())?;
+            socket.listen(1024)?;
+            socket.set_nonblocking(true)?;
+            Ok(socket.into())
+        })
+        .collect()
 }
 
 impl Proxy {
@@ -257,12 +249,6 @@ impl Proxy {
                     listener: l.name.clone(),
                 };
                 let counters = self.counters.entry(key.clone()).or_default().clone();
-                let connect = timeout_ms(l.timeout_member_connect);
-                let client = self
-                    .clients
-                    .entry(connect)
-                    .or_insert_with(|| member_client(connect))
-                    .clone();
                 let request = RequestPlan {
                     policies: rules::Policies::compile(&l.l7policies, &at)?,
                     default_pool: l.default_pool.clone(),
@@ -275,15 +261,16 @@ impl Proxy {
                     port,
                     https,
                     member_data_timeout: timeout_ms(l.timeout_member_data),
-                    client,
+                    member_connect_timeout: timeout_ms(l.timeout_member_connect),
                     counters,
                 };
                 if !self.running.contains_key(&addr) && !prepared.sockets.contains_key(&addr) {
-                    let socket = bind(addr).map_err(|source| ProxyError::Bind {
-                        path: at.clone(),
-                        addr,
-                        source,
-                    })?;
+                    let socket =
+                        bind(addr, shards::handles().len()).map_err(|source| ProxyError::Bind {
+                            path: at.clone(),
+                            addr,
+                            source,
+                        })?;
                     prepared.sockets.insert(addr, socket);
                 }
                 prepared.plans.push((
@@ -306,7 +293,7 @@ impl Proxy {
         Ok(prepared)
     }
 
-    /// Puts prepared plans into service (must run inside the tokio runtime).
+    /// Puts prepared plans into service, on the serving threads.
     pub fn install(&mut self, prepared: Prepared) {
         let Prepared { plans, mut sockets } = prepared;
         let wanted: BTreeSet<SocketAddrV4> = plans.iter().map(|(a, _)| *a).collect();
@@ -316,28 +303,25 @@ impl Proxy {
                 *running.shared.plan.write().expect("listener plan") = plan;
                 continue;
             }
-            let Some(socket) = sockets.remove(&addr) else {
+            let Some(sockets) = sockets.remove(&addr) else {
                 continue;
-            };
-            let listener = match tokio::net::TcpListener::from_std(socket) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(%addr, error = %e, "L7 listener socket unusable");
-                    continue;
-                }
             };
             tracing::info!(%addr, listener = %plan.key.listener, tls = plan.tls.is_some(), "L7 listener serving");
             let shared = Arc::new(Shared {
                 plan: RwLock::new(plan),
             });
-            let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+            let accept = sockets
+                .into_iter()
+                .zip(shards::handles())
+                .map(|(socket, shard)| shard.spawn(accept_loop(socket, addr, shared.clone())))
+                .collect();
             self.running.insert(addr, Running { shared, accept });
         }
         self.running.retain(|addr, running| {
             let keep = wanted.contains(addr);
             if !keep {
                 tracing::info!(%addr, "L7 listener stopped; open connections finish");
-                running.accept.abort();
+                running.accept.iter().for_each(|a| a.abort());
             }
             keep
         });
@@ -369,12 +353,20 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         for running in self.running.values() {
-            running.accept.abort();
+            running.accept.iter().for_each(|a| a.abort());
         }
     }
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(socket: std::net::TcpListener, addr: SocketAddrV4, shared: Arc<Shared>) {
+    // Registered here, with the serving thread's own reactor.
+    let listener = match tokio::net::TcpListener::from_std(socket) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "L7 listener socket unusable");
+            return;
+        }
+    };
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
