@@ -2,10 +2,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
-    helpers::{
-        bpf_ktime_get_ns,
-        generated::{bpf_fib_lookup, bpf_redirect},
-    },
+    helpers::generated::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
 use lbaas_common::{
@@ -45,7 +42,14 @@ pub enum Rewrite {
 
 /// Rewrites the packet, then forwards it to the next hop the FIB names.
 #[inline(always)]
-pub fn rewrite_and_send(ctx: &XdpContext, pkt: &Packet, rewrite: Rewrite) -> Result<u32, ()> {
+/// `now` is the packet's [`maps::now_ns`] (the caller's, so a packet reads the clock once).
+#[inline(always)]
+pub fn rewrite_and_send(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    rewrite: Rewrite,
+    now: u64,
+) -> Result<u32, ()> {
     let (addr_off, port_off, old_addr, old_port, addr, port) = match rewrite {
         Rewrite::Destination { addr, port } => {
             (ip::DADDR, l4::DPORT, pkt.dst_addr, pkt.dst_port, addr, port)
@@ -84,7 +88,7 @@ pub fn rewrite_and_send(ctx: &XdpContext, pkt: &Packet, rewrite: Rewrite) -> Res
         Rewrite::Destination { .. } => (pkt.src_addr, addr, None),
         Rewrite::Source { fallback, .. } => (addr, pkt.dst_addr, Some(fallback)),
     };
-    next_hop(ctx, pkt, src, dst, fallback)
+    next_hop(ctx, pkt, src, dst, fallback, now)
 }
 
 /// Sets the MACs of the next hop and sends the frame out of the interface the FIB names.
@@ -99,11 +103,12 @@ fn next_hop(
     src: u32,
     dst: u32,
     fallback: Option<(u32, [u8; 6], [u8; 6])>,
+    now: u64,
 ) -> Result<u32, ()> {
     let ingress = ctx.ingress_ifindex() as u32;
-    let (ifindex, dmac, smac) = match cached_hop(dst, ingress) {
+    let (ifindex, dmac, smac) = match cached_hop(dst, ingress, now) {
         Some(hop) => hop,
-        None => match fib_hop(ctx, pkt, src, dst, ingress) {
+        None => match fib_hop(ctx, pkt, src, dst, ingress, now) {
             Some(hop) => hop,
             None => match fallback {
                 Some(hop) if hop.0 != 0 && !pkt.vlan => hop,
@@ -133,7 +138,7 @@ fn next_hop(
 /// lookup, which costs several times more per packet. (A cached answer is per destination
 /// and ingress interface: source-based policy routing is followed only as often as the TTL.)
 #[inline(always)]
-fn cached_hop(dst: u32, ingress: u32) -> Option<(u32, [u8; 6], [u8; 6])> {
+fn cached_hop(dst: u32, ingress: u32, now: u64) -> Option<(u32, [u8; 6], [u8; 6])> {
     // SAFETY: read-only copy of an entry written whole.
     let hop = unsafe {
         LB_NEXTHOP.get(NextHopKey {
@@ -141,8 +146,6 @@ fn cached_hop(dst: u32, ingress: u32) -> Option<(u32, [u8; 6], [u8; 6])> {
             ifindex: ingress,
         })
     }?;
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     (now.wrapping_sub(hop.stamp_ns) < NEXT_HOP_TTL_NS).then_some((hop.ifindex, hop.dmac, hop.smac))
 }
 
@@ -154,6 +157,7 @@ fn fib_hop(
     src: u32,
     dst: u32,
     ingress: u32,
+    now: u64,
 ) -> Option<(u32, [u8; 6], [u8; 6])> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid input (plain integers and unions of them).
     let mut params: FibParams = unsafe { core::mem::zeroed() };
@@ -180,8 +184,7 @@ fn fib_hop(
         dmac: params.dmac,
         smac: params.smac,
         _pad: 0,
-        // SAFETY: helper without arguments.
-        stamp_ns: unsafe { bpf_ktime_get_ns() },
+        stamp_ns: now,
     };
     let _ = LB_NEXTHOP.insert(
         NextHopKey {

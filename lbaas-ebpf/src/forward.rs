@@ -2,7 +2,7 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg};
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lbaas_common::{
     ALGO_LEAST_CONNECTIONS, ALGO_MAGLEV_5TUPLE, ALGO_MAGLEV_SOURCE, FLOW_CLOSED, FlowKey,
     FlowState, IPPROTO_TCP, MAX_LEAST_CONN_MEMBERS, MemberInfo, ReverseNat, STAT_DROP_NO_MEMBER,
@@ -31,7 +31,8 @@ pub fn to_member(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<u32, (
         return Ok(xdp_action::XDP_PASS);
     }
     let flow = pkt.flow_key();
-    let known = match established_member(&flow, pkt) {
+    let now = maps::now_ns();
+    let known = match established_member(&flow, pkt, now) {
         Some(member) => Some(member),
         None => half_open_member(ctx, &flow, pkt, vip),
     };
@@ -54,7 +55,7 @@ pub fn to_member(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<u32, (
                 maps::count_refused(vip.listener_id);
                 return refuse::connection(ctx, pkt);
             }
-            match new_flow_member(ctx, &flow, pkt, vip) {
+            match new_flow_member(ctx, &flow, pkt, vip, now) {
                 Some(member) => (member, true),
                 None => {
                     // Refused at once (a RST to a SYN) rather than left to time out.
@@ -73,6 +74,7 @@ pub fn to_member(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<u32, (
             addr: member.addr,
             port: member.port,
         },
+        now,
     )
 }
 
@@ -110,7 +112,7 @@ pub fn close_flow(state: *mut FlowState) {
 /// The member an existing flow is pinned to, if that member is still configured and the flow
 /// is not a closed one being reopened by a new SYN.
 #[inline(always)]
-fn established_member(flow: &FlowKey, pkt: &Packet) -> Option<(u32, MemberInfo)> {
+fn established_member(flow: &FlowKey, pkt: &Packet, now: u64) -> Option<(u32, MemberInfo)> {
     let state = LB_CT.get_ptr_mut(flow)?;
     // SAFETY: a live map value; fields other than `state` and `last_seen_ns` never change.
     let (member_id, generation, flags, last_seen) = unsafe {
@@ -135,8 +137,6 @@ fn established_member(flow: &FlowKey, pkt: &Packet) -> Option<(u32, MemberInfo)>
     if pkt.is_close() {
         close_flow(state);
     }
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     if now.wrapping_sub(last_seen) > LAST_SEEN_REFRESH_NS {
         // SAFETY: a live map value; a racing refresh from another CPU writes a similar time.
         unsafe { (*state).last_seen_ns = now };
@@ -289,6 +289,7 @@ fn new_flow_member(
     flow: &FlowKey,
     pkt: &Packet,
     vip: &VipInfo,
+    now: u64,
 ) -> Option<(u32, MemberInfo)> {
     if vip.ring_len == 0 {
         return None;
@@ -303,8 +304,7 @@ fn new_flow_member(
         member_generation: member.generation,
         listener_id: vip.listener_id,
         state: 0,
-        // SAFETY: helper without arguments.
-        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        last_seen_ns: now,
     };
     let reply = reply_key(&member, pkt);
     let nat = reverse_nat(ctx, pkt, vip, member_id);

@@ -94,6 +94,14 @@ pub static LB_LSTATS: PerCpuArray<ListenerStats> = PerCpuArray::with_max_entries
 #[map(name = "LB_GSTATS")]
 pub static LB_GSTATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 
+/// Now (CLOCK_MONOTONIC), for flow and next-hop stamps. Read once per packet and passed
+/// along: a helper call costs ~30 ns here, a tenth of an established packet's cost.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
+}
+
 /// Adds one to a global counter.
 #[inline(always)]
 pub fn count(stat: u32) {

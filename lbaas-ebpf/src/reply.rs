@@ -47,6 +47,7 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, ()> {
             port: nat.vip_port,
             fallback: (nat.client_ifindex, nat.client_mac, nat.local_mac),
         },
+        maps::now_ns(),
     )
     .map(Some)
 }
