@@ -199,6 +199,18 @@ fn setup(missing: &Missing) -> anyhow::Result<()> {
         );
         eprintln!("setup: installing Debian packages {:?}", missing.packages);
         status(cmd("apt-get", &["update", "-qq"]))?;
+        // nginx and haproxy are only run by the benchmark, inside its namespaces: their
+        // packages must not start system services (policy-rc.d answering 101 forbids it, as
+        // container images do), and a port-80 clash must not fail the install.
+        let policy = Path::new("/usr/sbin/policy-rc.d");
+        let own_policy = !policy.exists();
+        if own_policy {
+            std::fs::write(
+                policy,
+                "#!/bin/sh\n# written by cargo xtask setup for one install\nexit 101\n",
+            )?;
+            std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        }
         let mut install = cmd(
             "apt-get",
             &["install", "-y", "-qq", "--no-install-recommends"],
@@ -206,7 +218,11 @@ fn setup(missing: &Missing) -> anyhow::Result<()> {
         install
             .args(&missing.packages)
             .env("DEBIAN_FRONTEND", "noninteractive");
-        status(install)?;
+        let installed = status(install);
+        if own_policy {
+            let _ = std::fs::remove_file(policy);
+        }
+        installed?;
     }
     if missing.nightly {
         eprintln!("setup: installing the nightly toolchain");
