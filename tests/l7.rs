@@ -532,6 +532,16 @@ fn a_slow_client_is_timed_out_and_does_not_block_others() {
     );
     let stats = listener_stats(&daemon, "web");
     assert!(stats["request_errors"].as_u64().unwrap() >= 1, "{stats:#}");
+    // A kept-alive client that goes quiet after a request is cut within the same limit.
+    let script = format!(
+        "import socket,time\ns=socket.create_connection(('{VIP}',80),timeout=10)\n\
+         s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n\
+         head=b''\nwhile b'member-1' not in head: head+=s.recv(1000)\n\
+         t=time.time()\nrest=s.recv(1000)\n\
+         print('closed' if rest==b'' else 'data', round(time.time()-t))\n"
+    );
+    let out = client_python(&topo, &script);
+    assert_eq!(out, "closed 1", "an idle kept-alive client was not cut after 1 s");
 }
 
 /// WebSocket-style upgrades are passed through: after `101`, bytes flow both ways.
