@@ -541,7 +541,10 @@ fn a_slow_client_is_timed_out_and_does_not_block_others() {
          print('closed' if rest==b'' else 'data', round(time.time()-t))\n"
     );
     let out = client_python(&topo, &script);
-    assert_eq!(out, "closed 1", "an idle kept-alive client was not cut after 1 s");
+    assert_eq!(
+        out, "closed 1",
+        "an idle kept-alive client was not cut after 1 s"
+    );
 }
 
 /// WebSocket-style upgrades are passed through: after `101`, bytes flow both ways.

@@ -1167,6 +1167,13 @@ fn a_reply_without_a_neighbour_entry_uses_the_clients_remembered_address() {
 /// within that time, not at once.
 #[test]
 fn a_changed_neighbour_is_followed_within_the_next_hop_ttl() {
+    // Members' next hops are cached per CPU: stay on one so that "cached" means this cache.
+    // SAFETY: pins this thread to CPU 0.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
     let ns = NetNs::enter();
     let lb = Lb::new(TWO_MEMBERS);
     establish(&lb, 40000, ns.lan);

@@ -46,15 +46,21 @@ pub const MAP_EXPIRED: &str = "LB_EXPIRED";
 /// Name of the next-hop cache: [`NextHopKey`] -> [`NextHop`] (LRU), so that a packet costs a
 /// hash lookup instead of a FIB lookup; entries are trusted for [`NEXT_HOP_TTL_NS`].
 pub const MAP_NEXT_HOP: &str = "LB_NEXTHOP";
-/// Name of the interface roles: ifindex -> `IFACE_*` bits. An interface without an entry has
-/// every role.
+/// Name of the per-CPU next-hop cache of members: member id -> [`MemberHop`]. A forwarded
+/// packet finds its next hop at its member's index (an array read, where the hash cache costs
+/// a lookup); per CPU, so that an entry is only ever written and read by one CPU and never
+/// seen half-written.
+pub const MAP_MEMBER_HOPS: &str = "LB_MHOP";
+/// Name of the interface roles: an array, ifindex -> `IFACE_*` bits (an array read costs next
+/// to nothing on every packet, a hash lookup does not). 0 (no entry), or an ifindex past the
+/// array, means every role.
 pub const MAP_IFACES: &str = "LB_IFACES";
 /// An interface where clients' packets arrive (VIPs are served).
 pub const IFACE_CLIENT: u32 = 1 << 0;
 /// An interface where members' replies arrive (reverse NAT is looked up).
 pub const IFACE_MEMBER: u32 = 1 << 1;
-/// Entries of [`MAP_IFACES`].
-pub const MAX_IFACES: u32 = 256;
+/// Entries of [`MAP_IFACES`]: interfaces with a larger index take every role.
+pub const MAX_IFACES: u32 = 65_536;
 
 /// Name of the allowed-source table of listeners with `allowed_cidrs`: an LPM trie keyed by
 /// [`SourcePrefix`] (prefix length 32 + the CIDR's length, so the listener id always matches
@@ -71,8 +77,9 @@ pub const MAP_LISTENER_STATS: &str = "LB_LSTATS";
 pub const MAP_GLOBAL_STATS: &str = "LB_GSTATS";
 
 /// Every map, e.g. to pin them all.
-pub const ALL_MAPS: [&str; 16] = [
+pub const ALL_MAPS: [&str; 17] = [
     MAP_IFACES,
+    MAP_MEMBER_HOPS,
     MAP_ALLOWED_SOURCES,
     MAP_MEMBER_STATS,
     MAP_NEXT_HOP,
@@ -290,6 +297,25 @@ pub struct NextHop {
     pub stamp_ns: u64,
 }
 
+/// A member's cached FIB answer ([`MAP_MEMBER_HOPS`]), valid for the address and ingress
+/// interface it was asked for, for [`NEXT_HOP_TTL_NS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MemberHop {
+    /// The member address it was asked for (a reused id with another address misses).
+    pub addr: u32,
+    /// Ingress interface it was asked for.
+    pub ingress: u32,
+    /// Egress interface.
+    pub ifindex: u32,
+    /// Next hop's MAC.
+    pub dmac: [u8; 6],
+    /// Our MAC on the egress interface.
+    pub smac: [u8; 6],
+    /// `bpf_ktime_get_ns()` when the FIB gave it.
+    pub stamp_ns: u64,
+}
+
 /// Open and closed flow counts of a member or listener; active = opened - closed - expired.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -350,6 +376,7 @@ const _: () = {
     assert!(core::mem::size_of::<FlowCounters>() == 16);
     assert!(core::mem::size_of::<NextHopKey>() == 8);
     assert!(core::mem::size_of::<NextHop>() == 32);
+    assert!(core::mem::size_of::<MemberHop>() == 32);
     assert!(core::mem::size_of::<ReverseNat>() == 32);
     assert!(core::mem::size_of::<ListenerStats>() == 48);
 };
@@ -414,4 +441,5 @@ mod user {
     unsafe impl aya::Pod for FlowCounters {}
     unsafe impl aya::Pod for NextHopKey {}
     unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for MemberHop {}
 }

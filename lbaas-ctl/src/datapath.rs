@@ -251,7 +251,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     tables: KernelTables,
     conntrack: HashMap<MapData, FlowKey, FlowState>,
-    ifaces: HashMap<MapData, u32, u32>,
+    ifaces: Array<MapData, u32>,
     reverse: HashMap<MapData, FlowKey, ReverseNat>,
     links: Vec<XdpLinkId>,
     /// Links pinned on bpffs (or taken over from pins): they stay attached without us.
@@ -419,10 +419,19 @@ impl Datapath {
         Ok(mode)
     }
 
-    /// Records an interface's roles (`IFACE_*`) for the data path.
+    /// Records an interface's roles (`IFACE_*`) for the data path. An interface whose index
+    /// is past the role array keeps every role (correct, only slower for packets that need
+    /// neither lookup).
     pub fn set_roles(&mut self, ifindex: u32, roles: u32) -> Result<(), DatapathError> {
+        if ifindex >= lbaas_common::MAX_IFACES {
+            tracing::warn!(
+                ifindex,
+                "interface index past the role table: the interface serves every role"
+            );
+            return Ok(());
+        }
         self.ifaces
-            .insert(ifindex, roles, 0)
+            .set(ifindex, roles, 0)
             .map_err(map_error(lbaas_common::MAP_IFACES))
     }
 
@@ -489,7 +498,9 @@ impl Datapath {
             if now == index {
                 continue;
             }
-            let _ = self.ifaces.remove(&index);
+            if index < lbaas_common::MAX_IFACES {
+                let _ = self.ifaces.set(index, 0, 0);
+            }
             self.pinned.retain(|(n, _)| *n != name);
             out.push((name.clone(), self.attach_pinned(&name, roles)));
         }

@@ -6,12 +6,13 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lbaas_common::{
-    IPPROTO_TCP, NEXT_HOP_TTL_NS, NextHop, NextHopKey, STAT_FORWARDED, STAT_PASS_NO_NEIGH,
+    IPPROTO_TCP, MemberHop, NEXT_HOP_TTL_NS, NextHop, NextHopKey, STAT_FORWARDED,
+    STAT_PASS_NO_NEIGH,
 };
 
 use crate::{
     checksum,
-    maps::{self, LB_NEXTHOP},
+    maps::{self, LB_MHOP, LB_NEXTHOP},
     parse::{Packet, ip, l4, read, write},
 };
 
@@ -21,6 +22,8 @@ const AF_INET: u8 = 2;
 pub enum Rewrite {
     /// DNAT: client -> member.
     Destination {
+        /// The member's id (its next hop is cached at that index).
+        member_id: u32,
         /// New destination address (network order).
         addr: u32,
         /// New destination port (network order).
@@ -40,9 +43,8 @@ pub enum Rewrite {
     },
 }
 
-/// Rewrites the packet, then forwards it to the next hop the FIB names.
-#[inline(always)]
-/// `now` is the packet's [`maps::now_ns`] (the caller's, so a packet reads the clock once).
+/// Rewrites the packet, then forwards it to the next hop the FIB names. `now` is the
+/// packet's [`maps::now_ns`] (the caller's, so a packet reads the clock once).
 #[inline(always)]
 pub fn rewrite_and_send(
     ctx: &XdpContext,
@@ -51,7 +53,7 @@ pub fn rewrite_and_send(
     now: u64,
 ) -> Result<u32, ()> {
     let (addr_off, port_off, old_addr, old_port, addr, port) = match rewrite {
-        Rewrite::Destination { addr, port } => {
+        Rewrite::Destination { addr, port, .. } => {
             (ip::DADDR, l4::DPORT, pkt.dst_addr, pkt.dst_port, addr, port)
         }
         Rewrite::Source { addr, port, .. } => {
@@ -84,11 +86,17 @@ pub fn rewrite_and_send(
     }
     write(ctx, pkt.l4_off + port_off, port)?;
 
-    let (src, dst, fallback) = match rewrite {
-        Rewrite::Destination { .. } => (pkt.src_addr, addr, None),
-        Rewrite::Source { fallback, .. } => (addr, pkt.dst_addr, Some(fallback)),
+    let (src, dst, fallback, member) = match rewrite {
+        Rewrite::Destination { member_id, .. } => (pkt.src_addr, addr, None, Some(member_id)),
+        Rewrite::Source { fallback, .. } => (addr, pkt.dst_addr, Some(fallback), None),
     };
-    next_hop(ctx, pkt, src, dst, fallback, now)
+    let to = Destination {
+        src,
+        dst,
+        member,
+        fallback,
+    };
+    next_hop(ctx, pkt, &to, now)
 }
 
 /// Sets the MACs of the next hop and sends the frame out of the interface the FIB names.
@@ -97,20 +105,17 @@ pub fn rewrite_and_send(
 /// leaving by another device), the rewritten packet goes to the host stack, which routes it
 /// to the same place and resolves the neighbour for the next packets.
 #[inline(always)]
-fn next_hop(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    src: u32,
-    dst: u32,
-    fallback: Option<(u32, [u8; 6], [u8; 6])>,
-    now: u64,
-) -> Result<u32, ()> {
+fn next_hop(ctx: &XdpContext, pkt: &Packet, to: &Destination, now: u64) -> Result<u32, ()> {
     let ingress = ctx.ingress_ifindex() as u32;
-    let (ifindex, dmac, smac) = match cached_hop(dst, ingress, now) {
+    let cached = match to.member {
+        Some(id) => member_hop(id, to.dst, ingress, now),
+        None => cached_hop(to.dst, ingress, now),
+    };
+    let (ifindex, dmac, smac) = match cached {
         Some(hop) => hop,
-        None => match fib_hop(ctx, pkt, src, dst, ingress, now) {
+        None => match fib_hop(ctx, pkt, to, ingress, now) {
             Some(hop) => hop,
-            None => match fallback {
+            None => match to.fallback {
                 Some(hop) if hop.0 != 0 && !pkt.vlan => hop,
                 _ => {
                     maps::count(STAT_PASS_NO_NEIGH);
@@ -134,6 +139,24 @@ fn next_hop(
     Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
 }
 
+/// Where a rewritten packet goes: its addresses after the rewrite, the member it goes to
+/// (forward direction), and the client's remembered L2 next hop (replies).
+struct Destination {
+    src: u32,
+    dst: u32,
+    member: Option<u32>,
+    fallback: Option<(u32, [u8; 6], [u8; 6])>,
+}
+
+/// A member's next hop, if this CPU asked the FIB for it, for that address and ingress, less
+/// than `NEXT_HOP_TTL_NS` ago.
+#[inline(always)]
+fn member_hop(id: u32, dst: u32, ingress: u32, now: u64) -> Option<(u32, [u8; 6], [u8; 6])> {
+    let hop = LB_MHOP.get(id)?;
+    (hop.addr == dst && hop.ingress == ingress && now.wrapping_sub(hop.stamp_ns) < NEXT_HOP_TTL_NS)
+        .then_some((hop.ifindex, hop.dmac, hop.smac))
+}
+
 /// A next hop the FIB gave less than `NEXT_HOP_TTL_NS` ago: a hash lookup instead of a FIB
 /// lookup, which costs several times more per packet. (A cached answer is per destination
 /// and ingress interface: source-based policy routing is followed only as often as the TTL.)
@@ -154,11 +177,11 @@ fn cached_hop(dst: u32, ingress: u32, now: u64) -> Option<(u32, [u8; 6], [u8; 6]
 fn fib_hop(
     ctx: &XdpContext,
     pkt: &Packet,
-    src: u32,
-    dst: u32,
+    to: &Destination,
     ingress: u32,
     now: u64,
 ) -> Option<(u32, [u8; 6], [u8; 6])> {
+    let (src, dst) = (to.src, to.dst);
     // SAFETY: an all-zero bpf_fib_lookup is a valid input (plain integers and unions of them).
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -178,6 +201,22 @@ fn fib_hop(
     };
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return None;
+    }
+    if let Some(id) = to.member {
+        if let Some(slot) = LB_MHOP.get_ptr_mut(id) {
+            // SAFETY: this CPU's own slot; no other CPU reads or writes it.
+            unsafe {
+                *slot = MemberHop {
+                    addr: dst,
+                    ingress,
+                    ifindex: params.ifindex,
+                    dmac: params.dmac,
+                    smac: params.smac,
+                    stamp_ns: now,
+                }
+            };
+        }
+        return Some((params.ifindex, params.dmac, params.smac));
     }
     let hop = NextHop {
         ifindex: params.ifindex,

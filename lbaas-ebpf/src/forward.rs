@@ -71,6 +71,7 @@ pub fn to_member(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<u32, (
         ctx,
         pkt,
         Rewrite::Destination {
+            member_id,
             addr: member.addr,
             port: member.port,
         },

@@ -20,7 +20,7 @@ mod refuse;
 mod reply;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lbaas_common::{IFACE_CLIENT, IFACE_MEMBER, STAT_PASS_NOT_VIP, VipKey};
+use lbaas_common::{IFACE_MEMBER, STAT_PASS_NOT_VIP, VipKey};
 
 use crate::parse::{Parsed, parse};
 
@@ -39,6 +39,7 @@ fn try_lbaas_xdp(ctx: &XdpContext) -> Result<u32, ()> {
         Parsed::Packet(pkt) => pkt,
         Parsed::Verdict(action) => return Ok(action),
     };
+    // Every interface serves VIPs (a member may be another VIP's client).
     let vip = VipKey {
         addr: pkt.dst_addr,
         port: pkt.dst_port,
@@ -51,10 +52,7 @@ fn try_lbaas_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     }
     // Members' replies arrive only on member-side interfaces: on a client-only interface a
     // packet for no VIP is passed without the two reverse-NAT lookups.
-    // SAFETY: read-only copy of a plain integer.
-    let roles = unsafe { maps::LB_IFACES.get(ctx.ingress_ifindex() as u32) }
-        .copied()
-        .unwrap_or(IFACE_CLIENT | IFACE_MEMBER);
+    let roles = maps::ingress_roles(ctx.ingress_ifindex() as u32);
     if roles & IFACE_MEMBER != 0
         && let Some(action) = reply::to_client(ctx, &pkt)?
     {

@@ -8,7 +8,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use lbaas_common::{
     CONN_COUNTER_SLOTS, DEFAULT_CONNTRACK_SIZE, FlowCounters, FlowKey, FlowState, ListenerStats,
-    MAX_ALLOWED_SOURCES, MAX_IFACES, MAX_LISTENERS, MAX_MEMBERS, MAX_VIPS, MemberInfo,
+    MAX_ALLOWED_SOURCES, MAX_IFACES, MAX_LISTENERS, MAX_MEMBERS, MAX_VIPS, MemberHop, MemberInfo,
     NEXT_HOP_ENTRIES, NextHop, NextHopKey, RING_SLOTS, ReverseNat, STAT_COUNT, SourcePrefix,
     VipInfo, VipKey,
 };
@@ -65,6 +65,10 @@ pub fn source_allowed(listener_id: u32, addr: u32) -> bool {
     LB_SRC_ALLOW.get(&key).is_some()
 }
 
+/// Members' cached FIB answers, per CPU (see `MAP_MEMBER_HOPS`).
+#[map(name = "LB_MHOP")]
+pub static LB_MHOP: PerCpuArray<MemberHop> = PerCpuArray::with_max_entries(MAX_MEMBERS, 0);
+
 /// Cached FIB answers (see `NEXT_HOP_TTL_NS`).
 #[map(name = "LB_NEXTHOP")]
 pub static LB_NEXTHOP: LruHashMap<NextHopKey, NextHop> =
@@ -78,9 +82,18 @@ pub static LB_CONNS: Array<FlowCounters> = Array::with_max_entries(CONN_COUNTER_
 #[map(name = "LB_EXPIRED")]
 pub static LB_EXPIRED: Array<u64> = Array::with_max_entries(CONN_COUNTER_SLOTS, 0);
 
-/// Interface roles (`IFACE_*`); an interface without an entry has every role.
+/// Interface roles (`IFACE_*`) by ifindex; 0 (or past the end) is every role.
 #[map(name = "LB_IFACES")]
-pub static LB_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_IFACES, 0);
+pub static LB_IFACES: Array<u32> = Array::with_max_entries(MAX_IFACES, 0);
+
+/// The roles of the interface a packet came in by.
+#[inline(always)]
+pub fn ingress_roles(ifindex: u32) -> u32 {
+    match LB_IFACES.get(ifindex).copied() {
+        Some(roles) if roles != 0 => roles,
+        _ => lbaas_common::IFACE_CLIENT | lbaas_common::IFACE_MEMBER,
+    }
+}
 
 /// Per-CPU counters per member (refused stays zero).
 #[map(name = "LB_MSTATS")]
