@@ -17,6 +17,22 @@ pub const LAYOUT_VERSION: u32 = 2;
 
 /// Name of the VIP table: [`VipKey`] -> [`VipInfo`].
 pub const MAP_VIPS: &str = "LB_VIPS";
+/// Name of the VIP address filter: [`VIP_FILTER_SLOTS`] counters, slot [`vip_filter_slot`] of
+/// an address -> how many VIP keys have an address in that slot. A packet whose destination
+/// falls on a zero slot is for no VIP, and is passed (or reverse-translated) without the VIP
+/// table's hash lookup: an array read instead. The controller raises a slot before the VIP
+/// it counts is written and lowers it after the VIP is gone.
+pub const MAP_VIP_FILTER: &str = "LB_VIPF";
+/// Slots of [`MAP_VIP_FILTER`].
+pub const VIP_FILTER_SLOTS: u32 = 65_536;
+
+/// The [`MAP_VIP_FILTER`] slot of an address (as the packet carries it): the high half of a
+/// multiplicative hash, so that addresses that differ anywhere spread.
+#[inline(always)]
+pub const fn vip_filter_slot(addr: u32) -> u32 {
+    addr.wrapping_mul(0x9e37_79b1) >> 16
+}
+
 /// Name of the member table: member id (u32 index) -> [`MemberInfo`].
 pub const MAP_MEMBERS: &str = "LB_MEMBERS";
 /// Name of the selection ring array: slot (u32 index) -> member id (u32).
@@ -77,8 +93,9 @@ pub const MAP_LISTENER_STATS: &str = "LB_LSTATS";
 pub const MAP_GLOBAL_STATS: &str = "LB_GSTATS";
 
 /// Every map, e.g. to pin them all.
-pub const ALL_MAPS: [&str; 17] = [
+pub const ALL_MAPS: [&str; 18] = [
     MAP_IFACES,
+    MAP_VIP_FILTER,
     MAP_MEMBER_HOPS,
     MAP_ALLOWED_SOURCES,
     MAP_MEMBER_STATS,

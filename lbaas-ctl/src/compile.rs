@@ -15,7 +15,7 @@ use std::{
 use lbaas_common::{
     ALGO_LEAST_CONNECTIONS, ALGO_MAGLEV_5TUPLE, ALGO_MAGLEV_SOURCE, ALGO_ROUND_ROBIN,
     MAX_LISTENERS, MAX_MEMBERS, MemberInfo, RING_SLOTS, VIP_F_L7_PASS, VIP_F_SOURCE_FILTER,
-    VipInfo, VipKey,
+    VipInfo, VipKey, vip_filter_slot,
 };
 
 use crate::{
@@ -286,6 +286,16 @@ pub fn desired(
     out
 }
 
+/// VIP filter counts of a set of VIP keys (each key counted once).
+fn filter_counts(keys: impl Iterator<Item = VipKey>) -> BTreeMap<u32, u32> {
+    let unique: BTreeSet<VipKey> = keys.collect();
+    let mut counts = BTreeMap::new();
+    for key in unique {
+        *counts.entry(vip_filter_slot(key.addr)).or_insert(0) += 1;
+    }
+    counts
+}
+
 fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
@@ -342,6 +352,10 @@ pub trait Tables {
     fn get_member(&mut self, id: u32) -> Result<MemberInfo, TableError>;
     /// Reads a VIP entry (for undo); `None` when absent.
     fn get_vip(&mut self, key: VipKey) -> Result<Option<VipInfo>, TableError>;
+    /// Sets a VIP address filter slot's count.
+    fn set_vip_filter(&mut self, slot: u32, count: u32) -> Result<(), TableError>;
+    /// Reads a VIP address filter slot's count (for undo).
+    fn get_vip_filter(&mut self, slot: u32) -> Result<u32, TableError>;
     /// Admits a source prefix for a listener's new flows, or (`allowed` false) stops.
     fn set_source_allowed(
         &mut self,
@@ -358,6 +372,7 @@ enum Undo {
     Vip(VipKey, Option<VipInfo>),
     /// The programmer writes only changes, so taking one back is writing its opposite.
     Source(u32, SourceCidr, bool),
+    Filter(u32, u32),
 }
 
 /// Records what every member and VIP write replaces, so a failed apply can be taken back.
@@ -380,6 +395,7 @@ impl UndoLog<'_> {
                 Undo::Source(id, source, allowed) => {
                     self.inner.set_source_allowed(id, source, !allowed)
                 }
+                Undo::Filter(slot, count) => self.inner.set_vip_filter(slot, count),
             };
             if first.is_ok() {
                 first = result;
@@ -425,6 +441,15 @@ impl Tables for UndoLog<'_> {
     }
     fn get_vip(&mut self, key: VipKey) -> Result<Option<VipInfo>, TableError> {
         self.inner.get_vip(key)
+    }
+    fn set_vip_filter(&mut self, slot: u32, count: u32) -> Result<(), TableError> {
+        let old = self.inner.get_vip_filter(slot)?;
+        self.inner.set_vip_filter(slot, count)?;
+        self.log.push(Undo::Filter(slot, old));
+        Ok(())
+    }
+    fn get_vip_filter(&mut self, slot: u32) -> Result<u32, TableError> {
+        self.inner.get_vip_filter(slot)
     }
     fn set_source_allowed(
         &mut self,
@@ -668,6 +693,8 @@ pub struct Programmer {
     /// just before the switch may still be reading them, so they are reused only from the
     /// next apply on.
     quarantined: Vec<(u32, u32)>,
+    /// The VIP address filter as written: slot -> count (absent: 0).
+    vip_filter: BTreeMap<u32, u32>,
 }
 
 impl Default for Programmer {
@@ -689,6 +716,7 @@ impl Programmer {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             generation: 0,
             quarantined: Vec::new(),
+            vip_filter: BTreeMap::new(),
         }
     }
 
@@ -794,7 +822,36 @@ impl Programmer {
         }
         p.listener_ids = IdPool::with_used(MAX_LISTENERS, &used_listeners);
         p.ring = ring;
+        // What the last apply left in the pinned filter: the live VIPs' counts.
+        p.vip_filter = filter_counts(p.listeners.values().map(|l| l.vip));
         p
+    }
+
+    /// Writes the filter slots whose count differs from `want` (only raising them when
+    /// `raise_only`), so that every VIP written, or about to be, has a non-zero slot.
+    fn write_filter(
+        &mut self,
+        tables: &mut dyn Tables,
+        want: &BTreeMap<u32, u32>,
+        raise_only: bool,
+    ) -> Result<(), TableError> {
+        let slots: BTreeSet<u32> = want.keys().chain(self.vip_filter.keys()).copied().collect();
+        for slot in slots {
+            let (have, wanted) = (
+                self.vip_filter.get(&slot).copied().unwrap_or(0),
+                want.get(&slot).copied().unwrap_or(0),
+            );
+            if have == wanted || (raise_only && wanted < have) {
+                continue;
+            }
+            tables.set_vip_filter(slot, wanted)?;
+            if wanted == 0 {
+                self.vip_filter.remove(&slot);
+            } else {
+                self.vip_filter.insert(slot, wanted);
+            }
+        }
+        Ok(())
     }
 
     /// A programmer whose removed members drain for at most `timeout`.
@@ -933,6 +990,14 @@ impl Programmer {
             self.members.insert(member.clone(), (id, info, spec.down));
             summary.members_written += 1;
         }
+        // The address filter admits every VIP, live or about to be, before any is written.
+        let keys: BTreeSet<VipKey> = self
+            .listeners
+            .values()
+            .map(|l| l.vip)
+            .chain(wanted_vips.iter().copied())
+            .collect();
+        self.write_filter(tables, &filter_counts(keys.into_iter()), true)?;
         // 2. Each new or changed listener: ring region beside the live one, then one switch.
         for (listener, plan) in &want.listeners {
             let schedule: Vec<u32> = plan.slots.iter().map(|m| self.members[m].0).collect();
@@ -1032,6 +1097,9 @@ impl Programmer {
             self.listener_ids.give_back(live.id);
             summary.vips_removed += 1;
         }
+        // Slots of VIPs that are gone are lowered once the VIPs are.
+        let live = filter_counts(self.listeners.values().map(|l| l.vip));
+        self.write_filter(tables, &live, false)?;
         // 4. Members no schedule names any more drain: their open flows continue (as HAProxy's
         //    old process serves its connections after a reload), no new flow reaches them.
         let gone: Vec<MemberRef> = self

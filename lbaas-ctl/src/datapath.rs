@@ -296,6 +296,7 @@ pub struct KernelTables {
     expired: Array<MapData, u64>,
     member_stats: PerCpuArray<MapData, ListenerStats>,
     allowed_sources: LpmTrie<MapData, SourcePrefix, u8>,
+    vip_filter: Array<MapData, u32>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -370,6 +371,7 @@ impl Datapath {
             expired: take(&mut ebpf, MAP_EXPIRED)?,
             member_stats: take(&mut ebpf, lbaas_common::MAP_MEMBER_STATS)?,
             allowed_sources: take(&mut ebpf, lbaas_common::MAP_ALLOWED_SOURCES)?,
+            vip_filter: take(&mut ebpf, lbaas_common::MAP_VIP_FILTER)?,
         };
         Ok(Self {
             conntrack: take(&mut ebpf, MAP_CONNTRACK)?,
@@ -778,6 +780,18 @@ impl Tables for KernelTables {
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err(MAP_VIPS)(e)),
         }
+    }
+
+    fn set_vip_filter(&mut self, slot: u32, count: u32) -> Result<(), TableError> {
+        self.vip_filter
+            .set(slot, count, 0)
+            .map_err(map_err(lbaas_common::MAP_VIP_FILTER))
+    }
+
+    fn get_vip_filter(&mut self, slot: u32) -> Result<u32, TableError> {
+        self.vip_filter
+            .get(&slot, 0)
+            .map_err(map_err(lbaas_common::MAP_VIP_FILTER))
     }
 
     fn set_source_allowed(

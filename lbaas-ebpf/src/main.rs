@@ -39,16 +39,19 @@ fn try_lbaas_xdp(ctx: &XdpContext) -> Result<u32, ()> {
         Parsed::Packet(pkt) => pkt,
         Parsed::Verdict(action) => return Ok(action),
     };
-    // Every interface serves VIPs (a member may be another VIP's client).
-    let vip = VipKey {
-        addr: pkt.dst_addr,
-        port: pkt.dst_port,
-        proto: pkt.proto,
-        _pad: 0,
-    };
-    // SAFETY: the value is only read, and entries are replaced whole by the controller.
-    if let Some(info) = unsafe { maps::LB_VIPS.get(vip) } {
-        return forward::to_member(ctx, &pkt, info);
+    // Every interface serves VIPs (a member may be another VIP's client). Most packets that
+    // are for no VIP are told apart by the address filter alone.
+    if maps::may_be_vip(pkt.dst_addr) {
+        let vip = VipKey {
+            addr: pkt.dst_addr,
+            port: pkt.dst_port,
+            proto: pkt.proto,
+            _pad: 0,
+        };
+        // SAFETY: the value is only read, and entries are replaced whole by the controller.
+        if let Some(info) = unsafe { maps::LB_VIPS.get(vip) } {
+            return forward::to_member(ctx, &pkt, info);
+        }
     }
     // Members' replies arrive only on member-side interfaces: on a client-only interface a
     // packet for no VIP is passed without the two reverse-NAT lookups.

@@ -10,8 +10,20 @@ use lbaas_common::{
     CONN_COUNTER_SLOTS, DEFAULT_CONNTRACK_SIZE, FlowCounters, FlowKey, FlowState, ListenerStats,
     MAX_ALLOWED_SOURCES, MAX_IFACES, MAX_LISTENERS, MAX_MEMBERS, MAX_VIPS, MemberHop, MemberInfo,
     NEXT_HOP_ENTRIES, NextHop, NextHopKey, RING_SLOTS, ReverseNat, STAT_COUNT, SourcePrefix,
-    VipInfo, VipKey,
+    VIP_FILTER_SLOTS, VipInfo, VipKey,
 };
+
+/// VIP address filter (see `MAP_VIP_FILTER`).
+#[map(name = "LB_VIPF")]
+pub static LB_VIPF: Array<u32> = Array::with_max_entries(VIP_FILTER_SLOTS, 0);
+
+/// Whether a destination address may be a VIP's (false: certainly not).
+#[inline(always)]
+pub fn may_be_vip(addr: u32) -> bool {
+    LB_VIPF
+        .get(lbaas_common::vip_filter_slot(addr))
+        .is_some_and(|count| *count != 0)
+}
 
 /// VIP:port:protocol -> listener.
 #[map(name = "LB_VIPS")]

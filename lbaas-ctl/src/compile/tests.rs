@@ -24,11 +24,19 @@ struct MemoryTables {
     sources: BTreeSet<(u32, SourceCidr)>,
     /// Sources every filtering VIP must find admitted the moment it is written.
     filter_needs: Vec<SourceCidr>,
+    /// The VIP address filter.
+    vip_filter: HashMap<u32, u32>,
 }
 
 impl MemoryTables {
     fn check_consistent(&self) {
         for (key, info) in &self.vips {
+            let slot = lbaas_common::vip_filter_slot(key.addr);
+            assert_ne!(
+                self.vip_filter.get(&slot).copied().unwrap_or(0),
+                0,
+                "{key:?} is in the VIP table but its filter slot is zero"
+            );
             for slot in info.ring_base..info.ring_base + info.ring_len {
                 let id = self
                     .ring
@@ -107,6 +115,15 @@ impl Tables for MemoryTables {
     }
     fn get_vip(&mut self, key: VipKey) -> Result<Option<VipInfo>, TableError> {
         Ok(self.vips.get(&key).copied())
+    }
+    fn set_vip_filter(&mut self, slot: u32, count: u32) -> Result<(), TableError> {
+        self.vip_filter.insert(slot, count);
+        self.writes += 1;
+        self.check_consistent();
+        Ok(())
+    }
+    fn get_vip_filter(&mut self, slot: u32) -> Result<u32, TableError> {
+        Ok(self.vip_filter.get(&slot).copied().unwrap_or(0))
     }
     fn set_source_allowed(
         &mut self,
@@ -645,6 +662,13 @@ impl Tables for FailingTables {
     fn get_vip(&mut self, key: VipKey) -> Result<Option<VipInfo>, TableError> {
         self.inner.get_vip(key)
     }
+    fn set_vip_filter(&mut self, slot: u32, count: u32) -> Result<(), TableError> {
+        self.write()?;
+        self.inner.set_vip_filter(slot, count)
+    }
+    fn get_vip_filter(&mut self, slot: u32) -> Result<u32, TableError> {
+        self.inner.get_vip_filter(slot)
+    }
     fn set_source_allowed(
         &mut self,
         listener_id: u32,
@@ -664,6 +688,7 @@ type Visible = (
     VisibleVips,
     Vec<(u32, MemberInfo)>,
     BTreeSet<(u32, SourceCidr)>,
+    BTreeSet<(u32, u32)>,
 );
 
 /// What the data path can see: every VIP with the members its region names, and every live
@@ -682,7 +707,54 @@ fn visible(t: &MemoryTables) -> Visible {
         .map(|(id, m)| (*id, *m))
         .collect();
     members.sort_by_key(|m| m.0);
-    (vips, members, t.sources.clone())
+    let filter = t
+        .vip_filter
+        .iter()
+        .filter(|(_, c)| **c != 0)
+        .map(|(s, c)| (*s, *c))
+        .collect();
+    (vips, members, t.sources.clone(), filter)
+}
+
+#[test]
+fn the_vip_filter_counts_live_vips_and_empties_with_them() {
+    let mut tables = MemoryTables::default();
+    let mut p = Programmer::new();
+    let members = "[{address: 10.9.1.1, protocol_port: 8080}]";
+    p.apply(&mut tables, &desired_default(&config(members)))
+        .unwrap();
+    let slot = lbaas_common::vip_filter_slot(web_key().addr);
+    assert_eq!(tables.vip_filter.get(&slot), Some(&1));
+    // A second listener on the same address counts too; the VIP moving away lowers it.
+    let two = config::load_str(
+        &format!("loadbalancers:\n  - name: lb\n    vip_address: 10.9.0.1\n    listeners:\n      - {{name: web, protocol: TCP, protocol_port: 80, default_pool: p}}\n      - {{name: alt, protocol: TCP, protocol_port: 81, default_pool: p}}\n    pools:\n      - {{name: p, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: {members}}}\n"),
+        "t",
+    )
+    .unwrap();
+    p.apply(&mut tables, &desired_default(&two)).unwrap();
+    assert_eq!(tables.vip_filter.get(&slot), Some(&2));
+    let moved = config::load_str(
+        &format!("loadbalancers:\n  - name: lb\n    vip_address: 10.9.0.2\n    listeners:\n      - {{name: web, protocol: TCP, protocol_port: 80, default_pool: p}}\n    pools:\n      - {{name: p, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: {members}}}\n"),
+        "t",
+    )
+    .unwrap();
+    p.apply(&mut tables, &desired_default(&moved)).unwrap();
+    assert_eq!(tables.vip_filter.get(&slot).copied().unwrap_or(0), 0);
+    let new_slot = lbaas_common::vip_filter_slot(u32::from_ne_bytes([10, 9, 0, 2]));
+    assert_eq!(tables.vip_filter.get(&new_slot), Some(&1));
+    // A restored programmer knows the filter: an unchanged apply writes nothing.
+    let mut restored = Programmer::restore(&p.snapshot(), Duration::from_secs(1));
+    let writes = tables.writes;
+    restored
+        .apply(&mut tables, &desired_default(&moved))
+        .unwrap();
+    assert_eq!(tables.writes, writes);
+    p.apply(&mut tables, &DesiredTables::default()).unwrap();
+    assert!(
+        tables.vip_filter.values().all(|c| *c == 0),
+        "{:?}",
+        tables.vip_filter
+    );
 }
 
 #[test]
