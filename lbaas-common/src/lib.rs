@@ -59,13 +59,14 @@ pub const MAP_CONNS: &str = "LB_CONNS";
 /// Name of the expired-flow counters, same index as [`MAP_CONNS`], written only by the
 /// controller when it removes idle flows (a single writer, so no atomics are needed).
 pub const MAP_EXPIRED: &str = "LB_EXPIRED";
-/// Name of the next-hop cache: [`NextHopKey`] -> [`NextHop`] (LRU), so that a packet costs a
-/// hash lookup instead of a FIB lookup; entries are trusted for [`NEXT_HOP_TTL_NS`].
+/// Name of the per-CPU next-hop cache of clients: [`client_hop_slot`] of the client address ->
+/// [`CachedHop`] (direct-mapped: a slot holds the last client that hashed there), so that a
+/// reply costs an array read instead of a FIB lookup; entries are trusted for
+/// [`NEXT_HOP_TTL_NS`]. Per CPU, so that an entry is only ever written and read by one CPU and
+/// never seen half-written.
 pub const MAP_NEXT_HOP: &str = "LB_NEXTHOP";
-/// Name of the per-CPU next-hop cache of members: member id -> [`MemberHop`]. A forwarded
-/// packet finds its next hop at its member's index (an array read, where the hash cache costs
-/// a lookup); per CPU, so that an entry is only ever written and read by one CPU and never
-/// seen half-written.
+/// Name of the per-CPU next-hop cache of members: member id -> [`CachedHop`]; a forwarded
+/// packet finds its next hop at its member's index.
 pub const MAP_MEMBER_HOPS: &str = "LB_MHOP";
 /// Name of the interface roles: an array, ifindex -> `IFACE_*` bits (an array read costs next
 /// to nothing on every packet, a hash lookup does not). 0 (no entry), or an ifindex past the
@@ -130,8 +131,15 @@ pub const MAX_LEAST_CONN_MEMBERS: u32 = 128;
 /// How long a cached next hop is used before the FIB is asked again (a neighbour that changes
 /// its MAC, or a route that changes, is followed within this time).
 pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
-/// Entries of the next-hop cache.
+/// Slots of the clients' next-hop cache (per CPU; a power of two).
 pub const NEXT_HOP_ENTRIES: u32 = 16_384;
+
+/// The [`MAP_NEXT_HOP`] slot of a client address (as the packet carries it) and the ingress
+/// interface.
+#[inline(always)]
+pub const fn client_hop_slot(addr: u32, ingress: u32) -> u32 {
+    (addr ^ ingress.rotate_left(16)).wrapping_mul(0x9e37_79b1) >> 18
+}
 /// Default connection-table size (entries in each of the forward and reverse tables).
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
 
@@ -288,38 +296,13 @@ pub struct FlowState {
     pub last_seen_ns: u64,
 }
 
-/// Key of the next-hop cache: where a packet goes and where it came in.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct NextHopKey {
-    /// Destination address (network order).
-    pub addr: u32,
-    /// Ingress interface.
-    pub ifindex: u32,
-}
-
-/// A cached FIB answer.
+/// A cached FIB answer ([`MAP_MEMBER_HOPS`], [`MAP_NEXT_HOP`]), valid for the address and
+/// ingress interface it was asked for, for [`NEXT_HOP_TTL_NS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct NextHop {
-    /// Egress interface.
-    pub ifindex: u32,
-    /// Next hop's MAC.
-    pub dmac: [u8; 6],
-    /// Our MAC on the egress interface.
-    pub smac: [u8; 6],
-    /// Explicit padding; always zero.
-    pub _pad: u32,
-    /// `bpf_ktime_get_ns()` when the FIB gave it.
-    pub stamp_ns: u64,
-}
-
-/// A member's cached FIB answer ([`MAP_MEMBER_HOPS`]), valid for the address and ingress
-/// interface it was asked for, for [`NEXT_HOP_TTL_NS`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct MemberHop {
-    /// The member address it was asked for (a reused id with another address misses).
+pub struct CachedHop {
+    /// The address it was asked for (a reused member id, or another client in the same slot,
+    /// misses).
     pub addr: u32,
     /// Ingress interface it was asked for.
     pub ingress: u32,
@@ -391,9 +374,8 @@ const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<FlowState>() == 24);
     assert!(core::mem::size_of::<FlowCounters>() == 16);
-    assert!(core::mem::size_of::<NextHopKey>() == 8);
-    assert!(core::mem::size_of::<NextHop>() == 32);
-    assert!(core::mem::size_of::<MemberHop>() == 32);
+    assert!(core::mem::size_of::<CachedHop>() == 32);
+    assert!(NEXT_HOP_ENTRIES.is_power_of_two() && NEXT_HOP_ENTRIES == 1 << (32 - 18));
     assert!(core::mem::size_of::<ReverseNat>() == 32);
     assert!(core::mem::size_of::<ListenerStats>() == 48);
 };
@@ -456,7 +438,5 @@ mod user {
     unsafe impl aya::Pod for ReverseNat {}
     unsafe impl aya::Pod for ListenerStats {}
     unsafe impl aya::Pod for FlowCounters {}
-    unsafe impl aya::Pod for NextHopKey {}
-    unsafe impl aya::Pod for NextHop {}
-    unsafe impl aya::Pod for MemberHop {}
+    unsafe impl aya::Pod for CachedHop {}
 }

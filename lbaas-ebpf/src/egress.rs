@@ -6,8 +6,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lbaas_common::{
-    IPPROTO_TCP, MemberHop, NEXT_HOP_TTL_NS, NextHop, NextHopKey, STAT_FORWARDED,
-    STAT_PASS_NO_NEIGH,
+    CachedHop, IPPROTO_TCP, NEXT_HOP_TTL_NS, STAT_FORWARDED, STAT_PASS_NO_NEIGH, client_hop_slot,
 };
 
 use crate::{
@@ -107,11 +106,7 @@ pub fn rewrite_and_send(
 #[inline(always)]
 fn next_hop(ctx: &XdpContext, pkt: &Packet, to: &Destination, now: u64) -> Result<u32, ()> {
     let ingress = ctx.ingress_ifindex() as u32;
-    let cached = match to.member {
-        Some(id) => member_hop(id, to.dst, ingress, now),
-        None => cached_hop(to.dst, ingress, now),
-    };
-    let (ifindex, dmac, smac) = match cached {
+    let (ifindex, dmac, smac) = match cached_hop(to, ingress, now) {
         Some(hop) => hop,
         None => match fib_hop(ctx, pkt, to, ingress, now) {
             Some(hop) => hop,
@@ -148,28 +143,27 @@ struct Destination {
     fallback: Option<(u32, [u8; 6], [u8; 6])>,
 }
 
-/// A member's next hop, if this CPU asked the FIB for it, for that address and ingress, less
-/// than `NEXT_HOP_TTL_NS` ago.
+/// This CPU's cache slot for a destination: the member's own (forward direction) or the
+/// client address's hash slot (replies).
 #[inline(always)]
-fn member_hop(id: u32, dst: u32, ingress: u32, now: u64) -> Option<(u32, [u8; 6], [u8; 6])> {
-    let hop = LB_MHOP.get(id)?;
-    (hop.addr == dst && hop.ingress == ingress && now.wrapping_sub(hop.stamp_ns) < NEXT_HOP_TTL_NS)
-        .then_some((hop.ifindex, hop.dmac, hop.smac))
+fn hop_slot(to: &Destination, ingress: u32) -> Option<*mut CachedHop> {
+    match to.member {
+        Some(id) => LB_MHOP.get_ptr_mut(id),
+        None => LB_NEXTHOP.get_ptr_mut(client_hop_slot(to.dst, ingress)),
+    }
 }
 
-/// A next hop the FIB gave less than `NEXT_HOP_TTL_NS` ago: a hash lookup instead of a FIB
-/// lookup, which costs several times more per packet. (A cached answer is per destination
-/// and ingress interface: source-based policy routing is followed only as often as the TTL.)
+/// A next hop the FIB gave this CPU, for this address and ingress interface, less than
+/// `NEXT_HOP_TTL_NS` ago: an array read instead of a FIB lookup, which costs several times
+/// more per packet. (Source-based policy routing is followed only as often as the TTL.)
 #[inline(always)]
-fn cached_hop(dst: u32, ingress: u32, now: u64) -> Option<(u32, [u8; 6], [u8; 6])> {
-    // SAFETY: read-only copy of an entry written whole.
-    let hop = unsafe {
-        LB_NEXTHOP.get(NextHopKey {
-            addr: dst,
-            ifindex: ingress,
-        })
-    }?;
-    (now.wrapping_sub(hop.stamp_ns) < NEXT_HOP_TTL_NS).then_some((hop.ifindex, hop.dmac, hop.smac))
+fn cached_hop(to: &Destination, ingress: u32, now: u64) -> Option<(u32, [u8; 6], [u8; 6])> {
+    // SAFETY: this CPU's own slot, read while nothing else can write it.
+    let hop = unsafe { *hop_slot(to, ingress)? };
+    (hop.addr == to.dst
+        && hop.ingress == ingress
+        && now.wrapping_sub(hop.stamp_ns) < NEXT_HOP_TTL_NS)
+        .then_some((hop.ifindex, hop.dmac, hop.smac))
 }
 
 /// Asks the FIB for the next hop (and caches a resolved answer).
@@ -202,36 +196,18 @@ fn fib_hop(
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return None;
     }
-    if let Some(id) = to.member {
-        if let Some(slot) = LB_MHOP.get_ptr_mut(id) {
-            // SAFETY: this CPU's own slot; no other CPU reads or writes it.
-            unsafe {
-                *slot = MemberHop {
-                    addr: dst,
-                    ingress,
-                    ifindex: params.ifindex,
-                    dmac: params.dmac,
-                    smac: params.smac,
-                    stamp_ns: now,
-                }
-            };
-        }
-        return Some((params.ifindex, params.dmac, params.smac));
+    if let Some(slot) = hop_slot(to, ingress) {
+        // SAFETY: this CPU's own slot; no other CPU reads or writes it.
+        unsafe {
+            *slot = CachedHop {
+                addr: dst,
+                ingress,
+                ifindex: params.ifindex,
+                dmac: params.dmac,
+                smac: params.smac,
+                stamp_ns: now,
+            }
+        };
     }
-    let hop = NextHop {
-        ifindex: params.ifindex,
-        dmac: params.dmac,
-        smac: params.smac,
-        _pad: 0,
-        stamp_ns: now,
-    };
-    let _ = LB_NEXTHOP.insert(
-        NextHopKey {
-            addr: dst,
-            ifindex: ingress,
-        },
-        hop,
-        0,
-    );
     Some((params.ifindex, params.dmac, params.smac))
 }

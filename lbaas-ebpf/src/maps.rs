@@ -7,9 +7,9 @@ use aya_ebpf::{
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use lbaas_common::{
-    CONN_COUNTER_SLOTS, DEFAULT_CONNTRACK_SIZE, FlowCounters, FlowKey, FlowState, ListenerStats,
-    MAX_ALLOWED_SOURCES, MAX_IFACES, MAX_LISTENERS, MAX_MEMBERS, MAX_VIPS, MemberHop, MemberInfo,
-    NEXT_HOP_ENTRIES, NextHop, NextHopKey, RING_SLOTS, ReverseNat, STAT_COUNT, SourcePrefix,
+    CONN_COUNTER_SLOTS, CachedHop, DEFAULT_CONNTRACK_SIZE, FlowCounters, FlowKey, FlowState,
+    ListenerStats, MAX_ALLOWED_SOURCES, MAX_IFACES, MAX_LISTENERS, MAX_MEMBERS, MAX_VIPS,
+    MemberInfo, NEXT_HOP_ENTRIES, RING_SLOTS, ReverseNat, STAT_COUNT, SourcePrefix,
     VIP_FILTER_SLOTS, VipInfo, VipKey,
 };
 
@@ -79,12 +79,11 @@ pub fn source_allowed(listener_id: u32, addr: u32) -> bool {
 
 /// Members' cached FIB answers, per CPU (see `MAP_MEMBER_HOPS`).
 #[map(name = "LB_MHOP")]
-pub static LB_MHOP: PerCpuArray<MemberHop> = PerCpuArray::with_max_entries(MAX_MEMBERS, 0);
+pub static LB_MHOP: PerCpuArray<CachedHop> = PerCpuArray::with_max_entries(MAX_MEMBERS, 0);
 
 /// Cached FIB answers (see `NEXT_HOP_TTL_NS`).
 #[map(name = "LB_NEXTHOP")]
-pub static LB_NEXTHOP: LruHashMap<NextHopKey, NextHop> =
-    LruHashMap::with_max_entries(NEXT_HOP_ENTRIES, 0);
+pub static LB_NEXTHOP: PerCpuArray<CachedHop> = PerCpuArray::with_max_entries(NEXT_HOP_ENTRIES, 0);
 
 /// Opened/closed flow counts: member id, then `MAX_MEMBERS + listener id`.
 #[map(name = "LB_CONNS")]
