@@ -427,7 +427,7 @@ fn main() {
             rounds: 5,
             seconds: 5,
             connections: 32,
-            health_members: vec![10_000, 20_000],
+            health_members: vec![1_000],
             cpu_window: Duration::from_secs(10),
         }
     };
@@ -581,8 +581,19 @@ fn main() {
     let fo_path = topo.path("failover.yaml");
     std::fs::write(&fo_path, failover_yaml).unwrap();
     ctl_ok(&daemon, &["apply", "-f", &fo_path.display().to_string()]);
-    std::thread::sleep(Duration::from_secs(2));
+    // The XDP pool's member-1 as the daemon sees it.
+    let member_1 = |daemon: &daemon::Daemon| {
+        ctl_ok(daemon, &["get", "members"])
+            .lines()
+            .find(|l| l.starts_with("xdp") && l.contains(" web ") && l.contains("10.77.2.11"))
+            .map(|l| l.split_whitespace().last().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    wait_until(Duration::from_secs(20), "member-1 ONLINE under its monitor", || {
+        member_1(&daemon) == "ONLINE"
+    });
     let (converged_ms, failed, requests) = failover(&mut topo, nginx[0]);
+    let member_1_after = member_1(&daemon);
 
     // Report.
     let mut md = std::fs::read_to_string(&out_path).unwrap_or_default();
@@ -694,7 +705,7 @@ fn main() {
     );
     let _ = writeln!(
         md,
-        "| requests that failed during that failover (of {requests} sent in the 6 s after the kill) | {failed} |"
+        "| requests that failed during that failover (of {requests} sent in the 6 s after the kill; member-1 then {member_1_after}) | {failed} |"
     );
     let _ = writeln!(
         md,
