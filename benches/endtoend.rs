@@ -427,7 +427,7 @@ fn main() {
             rounds: 5,
             seconds: 5,
             connections: 32,
-            health_members: vec![1_000],
+            health_members: vec![10_000, 20_000],
             cpu_window: Duration::from_secs(10),
         }
     };
