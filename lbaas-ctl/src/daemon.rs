@@ -301,29 +301,38 @@ impl Controller {
         }
     }
 
-    /// Applies a health transition: the member leaves or rejoins selection at once.
-    fn on_transition(&mut self, t: Transition) {
-        if !self.health.contains_key(&t.member) {
-            return; // no longer monitored
+    /// Applies health transitions, all that were waiting at once: their members leave or
+    /// rejoin selection, with one reprogramming for the lot (and none when no member changed
+    /// sides). One apply per transition fell behind with thousands of members: a member
+    /// that died waited in line behind the others' news.
+    fn on_transitions(&mut self, batch: Vec<Transition>) {
+        let mut changed = false;
+        for t in batch {
+            if !self.health.contains_key(&t.member) {
+                continue; // no longer monitored
+            }
+            let member = format!(
+                "{}/{}/{}:{}",
+                t.member.loadbalancer, t.member.pool, t.member.addr, t.member.port
+            );
+            if t.up {
+                tracing::info!(%member, reason = %t.reason, "member ONLINE");
+                changed |= self.down.remove(&t.member);
+            } else {
+                tracing::warn!(%member, reason = %t.reason, "member ERROR: out of selection, its flows rescheduled");
+                changed |= self.down.insert(t.member.clone());
+            }
+            self.health.insert(
+                t.member,
+                MemberHealth {
+                    up: t.up,
+                    reason: t.reason,
+                },
+            );
         }
-        let member = format!(
-            "{}/{}/{}:{}",
-            t.member.loadbalancer, t.member.pool, t.member.addr, t.member.port
-        );
-        if t.up {
-            tracing::info!(%member, reason = %t.reason, "member ONLINE");
-            self.down.remove(&t.member);
-        } else {
-            tracing::warn!(%member, reason = %t.reason, "member ERROR: out of selection, its flows rescheduled");
-            self.down.insert(t.member.clone());
+        if !changed {
+            return;
         }
-        self.health.insert(
-            t.member,
-            MemberHealth {
-                up: t.up,
-                reason: t.reason,
-            },
-        );
         let want = compile::desired(&self.state.config, self.compile, &self.down);
         if let Err(e) = self.programmer.apply(self.datapath.tables(), &want) {
             tracing::error!(error = %e, "reprogramming after a health change failed");
@@ -770,8 +779,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let health_task = {
         let daemon = daemon.clone();
         tokio::spawn(async move {
-            while let Some(t) = transitions.recv().await {
-                daemon.controller.lock().await.on_transition(t);
+            while let Some(first) = transitions.recv().await {
+                let mut batch = vec![first];
+                while let Ok(t) = transitions.try_recv() {
+                    batch.push(t);
+                }
+                daemon.controller.lock().await.on_transitions(batch);
             }
         })
     };
