@@ -144,6 +144,28 @@ fn established_flow(program: &Xdp, ns: &NetNs) -> Vec<u8> {
     data
 }
 
+/// Median ns of a new flow's SYN: a fresh source (from `first_source` on) and port per call.
+fn new_flows(program: &Xdp, ns: &NetNs, s: &Settings, first_source: u32) -> f64 {
+    median(
+        (1..=s.rounds as u32)
+            .map(|round| {
+                measure(
+                    program,
+                    &mut |i| {
+                        syn(
+                            1024 + (i % 60000) as u16,
+                            Ipv4Addr::from(first_source + (round << 20) + i),
+                        )
+                    },
+                    ns.lan,
+                    s.calls,
+                    1,
+                )
+            })
+            .collect(),
+    )
+}
+
 fn syn(sport: u16, src: Ipv4Addr) -> Vec<u8> {
     Frame {
         src,
@@ -251,28 +273,7 @@ fn main() {
         "SOURCE_IP_PORT",
     ] {
         let (dp, _) = loaded(&pool_yaml(algorithm), &ns);
-        let program = dp.program().unwrap();
-        let mut round = 0u32;
-        let ns_new = median(
-            (0..s.rounds)
-                .map(|_| {
-                    round += 1;
-                    let r = round;
-                    measure(
-                        program,
-                        &mut |i| {
-                            syn(
-                                1024 + (i % 60000) as u16,
-                                Ipv4Addr::from(0x0b00_0000 + (r << 20) + i),
-                            )
-                        },
-                        ns.lan,
-                        s.calls,
-                        1,
-                    )
-                })
-                .collect(),
-        );
+        let ns_new = new_flows(dp.program().unwrap(), &ns, &s, 0x0b00_0000);
         rows.push(Row {
             name: format!("new TCP flow (SYN), {algorithm}"),
             ns: ns_new,
@@ -383,27 +384,7 @@ fn main() {
             .map(|_| measure(program, &mut |_| data.clone(), ns.lan, s.calls, 1))
             .collect(),
     );
-    let mut round = 0u32;
-    let new_full = median(
-        (0..s.rounds)
-            .map(|_| {
-                round += 1;
-                let r = round;
-                measure(
-                    program,
-                    &mut |i| {
-                        syn(
-                            1024 + (i % 60000) as u16,
-                            Ipv4Addr::from(0x0d00_0000 + (r << 20) + i),
-                        )
-                    },
-                    ns.lan,
-                    s.calls,
-                    1,
-                )
-            })
-            .collect(),
-    );
+    let new_full = new_flows(program, &ns, &s, 0x0d00_0000);
     scale_rows.push((
         format!("established TCP flow, {in_table} flows in the connection table"),
         est_full,

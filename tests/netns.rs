@@ -509,15 +509,7 @@ fn the_connection_limit_refuses_the_third_concurrent_connection() {
         .err()
         .expect("a third concurrent connection must be refused");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
-    let stats: serde_json::Value =
-        serde_json::from_str(&ctl_ok(&daemon, &["stats", "-o", "json"])).unwrap();
-    let echo = stats["listeners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["listener"] == "echo")
-        .unwrap()
-        .clone();
+    let (stats, echo) = listener_figures(&daemon, "echo");
     assert_eq!(echo["refused_connections"], 1, "{stats}");
     assert_eq!(echo["active_connections"], 2, "{stats}");
     // One closes: there is room again.
@@ -528,6 +520,20 @@ fn the_connection_limit_refuses_the_third_concurrent_connection() {
         || EchoConn::open(&topo, 7000).is_ok_and(|mut c| c.member() == "member-1"),
     );
     assert_eq!(second.echo("ok"), "member-1:ok");
+}
+
+/// `stats -o json` whole, and the named listener's figures in it.
+fn listener_figures(daemon: &Daemon, name: &str) -> (serde_json::Value, serde_json::Value) {
+    let stats: serde_json::Value =
+        serde_json::from_str(&ctl_ok(daemon, &["stats", "-o", "json"])).unwrap();
+    let listener = stats["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["listener"] == name)
+        .unwrap_or_else(|| panic!("no listener {name} in {stats}"))
+        .clone();
+    (stats, listener)
 }
 
 /// `curl` of the VIP's port 80 from a given client source address (connect limit 1 s).
@@ -576,15 +582,7 @@ fn allowed_cidrs_on_a_tcp_listener_admit_only_their_sources() {
         err.contains("timed out") || err.contains("Timeout"),
         "{err}"
     );
-    let stats: serde_json::Value =
-        serde_json::from_str(&ctl_ok(&daemon, &["stats", "-o", "json"])).unwrap();
-    let web = stats["listeners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["listener"] == "web")
-        .unwrap()
-        .clone();
+    let (stats, web) = listener_figures(&daemon, "web");
     // The SYN and its retransmissions within the second: each a refused new flow.
     assert!(web["refused_connections"].as_u64().unwrap() >= 1, "{stats}");
     assert_eq!(web["total_connections"], 1, "{stats}");
