@@ -629,64 +629,45 @@ fn main() {
         )
     };
     let _ = writeln!(md, "\n| goal | measured | wanted | |\n|---|---:|---:|---|");
-    let _ = writeln!(
-        md,
-        "{}",
-        goal(
-            "XDP path / direct, new connections",
-            ratio(Load::NewConnection, "lbaas XDP"),
-            1.0
-        )
-    );
-    let _ = writeln!(
-        md,
-        "{}",
-        goal(
-            "XDP path / direct, keep-alive",
-            ratio(Load::KeepAlive, "lbaas XDP"),
-            1.0
-        )
-    );
     let over = |a: &'static str, b: &'static str, load: Load| {
         let (x, y) = (ratio(load, a), ratio(load, b));
         if y > 0.0 { x / y } else { 0.0 }
     };
-    let _ = writeln!(
-        md,
-        "{}",
-        goal(
+    let goals = [
+        (
+            "XDP path / direct, new connections",
+            ratio(Load::NewConnection, "lbaas XDP"),
+            1.0,
+        ),
+        (
+            "XDP path / direct, keep-alive",
+            ratio(Load::KeepAlive, "lbaas XDP"),
+            1.0,
+        ),
+        (
             "XDP path / HAProxy tcp, new connections",
             over("lbaas XDP", "HAProxy tcp", Load::NewConnection),
-            1.5
-        )
-    );
-    let _ = writeln!(
-        md,
-        "{}",
-        goal(
+            1.5,
+        ),
+        (
             "L7 proxy / HAProxy http, keep-alive",
             over("lbaas L7 proxy", "HAProxy http", Load::KeepAlive),
-            1.0
-        )
-    );
-    let _ = writeln!(
-        md,
-        "{}",
-        goal(
+            1.0,
+        ),
+        (
             "L7 proxy / HAProxy http, new connections",
             over("lbaas L7 proxy", "HAProxy http", Load::NewConnection),
-            1.0
-        )
-    );
-    let _ = writeln!(
-        md,
-        "{}",
-        goal(
+            1.0,
+        ),
+        (
             "UDP, XDP path / nftables DNAT",
             over("lbaas XDP", "nftables DNAT", Load::Udp),
-            2.0
-        )
-    );
+            2.0,
+        ),
+    ];
+    for (what, value, want) in goals {
+        let _ = writeln!(md, "{}", goal(what, value, want));
+    }
     let error_list: Vec<String> = errors.iter().map(|(n, e)| format!("{n} {e}")).collect();
     let _ = writeln!(
         md,
