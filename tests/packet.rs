@@ -241,6 +241,54 @@ fn a_removed_member_finishes_its_flows_and_gets_no_new_ones() {
 }
 
 #[test]
+fn a_removed_listeners_flows_finish_and_its_port_takes_no_new_ones() {
+    let ns = NetNs::enter();
+    let mut lb = Lb::new(TWO_MEMBERS);
+    let web = ListenerRef {
+        loadbalancer: "lb".into(),
+        listener: "web".into(),
+    };
+    let web_id = lb.programmer.listener_id(&web).expect("web has an id");
+    assert_eq!(establish(&lb, 40000, ns.lan), M1);
+    // The web listener and its pool go; the UDP listener stays.
+    lb.apply_yaml(&format!(
+        "loadbalancers:\n  - name: lb\n    vip_address: {VIP}\n    listeners:\n      - {{name: dns, protocol: UDP, protocol_port: 53, default_pool: dns}}\n    pools:\n      - {{name: dns, protocol: UDP, lb_algorithm: ROUND_ROBIN, members: [{{address: 10.2.0.11, protocol_port: 5353}}]}}\n"
+    ));
+    assert_eq!(lb.programmer.listener_id(&web), None);
+    let mut data = to_vip(40000);
+    data.tcp_flags = 0x18;
+    data.payload = b"more".to_vec();
+    assert_frame(
+        "the open flow finishes on its member",
+        lb.run(&data.build(), ns.lan),
+        XDP_REDIRECT,
+        &dnat(&data, M1, M1_MAC, 8080),
+    );
+    let before = lb.datapath.listener_stats(web_id).unwrap();
+    assert_eq!(
+        before.packets_in, 3,
+        "SYN, ACK and the data, under its old id"
+    );
+    let syn = to_vip(40001).build();
+    assert_frame(
+        "a new connection to the removed port",
+        lb.run(&syn, ns.lan),
+        XDP_PASS,
+        &syn,
+    );
+    // A listener added now does not take the removed one's id (its flows still carry it).
+    lb.apply(TWO_MEMBERS);
+    let new_id = lb.programmer.listener_id(&web).expect("web is back");
+    assert_ne!(
+        new_id, web_id,
+        "the removed listener's id is not reused at once"
+    );
+    establish(&lb, 40002, ns.lan);
+    assert_eq!(lb.datapath.listener_stats(new_id).unwrap().packets_in, 2);
+    assert_eq!(lb.datapath.listener_stats(web_id).unwrap().packets_in, 3);
+}
+
+#[test]
 fn a_flow_whose_member_drain_timed_out_is_rescheduled() {
     let ns = NetNs::enter();
     let mut lb = Lb::new(TWO_MEMBERS);

@@ -495,7 +495,9 @@ pub enum TableError {
     },
 }
 
-/// Hands out small integer ids, lowest free first.
+/// Hands out small integer ids: never-used ones first, then the lowest freed one. An id
+/// given back is taken again as late as possible, because flows in the kernel may still
+/// carry it (a removed listener's established flows finish, counted under its id).
 #[derive(Debug, Clone)]
 struct IdPool {
     free: BTreeSet<u32>,
@@ -523,13 +525,11 @@ impl IdPool {
     }
 
     fn take(&mut self) -> Option<u32> {
-        if let Some(id) = self.free.pop_first() {
-            return Some(id);
-        }
-        (self.next < self.max).then(|| {
+        if self.next < self.max {
             self.next += 1;
-            self.next - 1
-        })
+            return Some(self.next - 1);
+        }
+        self.free.pop_first()
     }
 
     fn give_back(&mut self, id: u32) {

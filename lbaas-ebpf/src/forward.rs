@@ -23,20 +23,41 @@ use crate::{
 /// seconds, rarely enough not to write the entry on every packet.
 const LAST_SEEN_REFRESH_NS: u64 = 1_000_000_000;
 
-/// Serves a packet aimed at a configured listener.
+/// Serves a packet of an established flow (`None`: the packet opens or belongs to no flow
+/// in the connection table). Looked up before the VIP table: an established packet needs
+/// nothing from its listener's entry but the id its flow remembers, and the VIP lookup
+/// would be a second hash lookup on every packet. (So a flow of a listener since removed
+/// finishes on its member, as a removed member's flows do, and as HAProxy's old process
+/// finishes its connections after a reload.)
 #[inline(always)]
-pub fn to_member(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<u32, ()> {
+pub fn established(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    flow: &FlowKey,
+    now: u64,
+) -> Result<Option<u32>, ()> {
+    let Some((member_id, member, listener_id)) = established_member(flow, pkt, now) else {
+        return Ok(None);
+    };
+    maps::count_listener(listener_id, Direction::In, pkt.tot_len, false);
+    maps::count_member(member_id, Direction::In, pkt.tot_len, false);
+    to_member_rewrite(ctx, pkt, member_id, &member, now).map(Some)
+}
+
+/// Serves a packet aimed at a configured listener that is in no established flow.
+#[inline(always)]
+pub fn to_member(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    flow: &FlowKey,
+    vip: &VipInfo,
+    now: u64,
+) -> Result<u32, ()> {
     if vip.flags & VIP_F_L7_PASS != 0 {
         maps::count(STAT_PASS_L7);
         return Ok(xdp_action::XDP_PASS);
     }
-    let flow = pkt.flow_key();
-    let now = maps::now_ns();
-    let known = match established_member(&flow, pkt, now) {
-        Some(member) => Some(member),
-        None => half_open_member(ctx, &flow, pkt, vip),
-    };
-    let ((member_id, member), new_flow) = match known {
+    let ((member_id, member), new_flow) = match half_open_member(ctx, flow, pkt, vip) {
         Some(member) => (member, false),
         None => {
             // Like a security group: an outside source gets no answer at all. Only new flows
@@ -55,7 +76,7 @@ pub fn to_member(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<u32, (
                 maps::count_refused(vip.listener_id);
                 return refuse::connection(ctx, pkt);
             }
-            match new_flow_member(ctx, &flow, pkt, vip, now) {
+            match new_flow_member(ctx, flow, pkt, vip, now) {
                 Some(member) => (member, true),
                 None => {
                     // Refused at once (a RST to a SYN) rather than left to time out.
@@ -67,6 +88,18 @@ pub fn to_member(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<u32, (
     };
     maps::count_listener(vip.listener_id, Direction::In, pkt.tot_len, new_flow);
     maps::count_member(member_id, Direction::In, pkt.tot_len, new_flow);
+    to_member_rewrite(ctx, pkt, member_id, &member, now)
+}
+
+/// DNAT to the member, then on to its next hop.
+#[inline(always)]
+fn to_member_rewrite(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    member_id: u32,
+    member: &MemberInfo,
+    now: u64,
+) -> Result<u32, ()> {
     egress::rewrite_and_send(
         ctx,
         pkt,
@@ -110,18 +143,19 @@ pub fn close_flow(state: *mut FlowState) {
     maps::count_flow(maps::listener_slot(listener_id), false);
 }
 
-/// The member an existing flow is pinned to, if that member is still configured and the flow
-/// is not a closed one being reopened by a new SYN.
+/// The member an existing flow is pinned to (and the flow's listener), if that member is
+/// still configured and the flow is not a closed one being reopened by a new SYN.
 #[inline(always)]
-fn established_member(flow: &FlowKey, pkt: &Packet, now: u64) -> Option<(u32, MemberInfo)> {
+fn established_member(flow: &FlowKey, pkt: &Packet, now: u64) -> Option<(u32, MemberInfo, u32)> {
     let state = LB_CT.get_ptr_mut(flow)?;
     // SAFETY: a live map value; fields other than `state` and `last_seen_ns` never change.
-    let (member_id, generation, flags, last_seen) = unsafe {
+    let (member_id, generation, flags, last_seen, listener_id) = unsafe {
         (
             (*state).member_id,
             (*state).member_generation,
             (*state).state,
             (*state).last_seen_ns,
+            (*state).listener_id,
         )
     };
     let member = LB_MEMBERS.get(member_id)?;
@@ -142,7 +176,7 @@ fn established_member(flow: &FlowKey, pkt: &Packet, now: u64) -> Option<(u32, Me
         // SAFETY: a live map value; a racing refresh from another CPU writes a similar time.
         unsafe { (*state).last_seen_ns = now };
     }
-    Some((member_id, *member))
+    Some((member_id, *member, listener_id))
 }
 
 /// A half-open TCP flow's member: a retransmitted SYN goes where the first went; any other

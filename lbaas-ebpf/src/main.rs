@@ -42,6 +42,11 @@ fn try_lbaas_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     // Every interface serves VIPs (a member may be another VIP's client). Most packets that
     // are for no VIP are told apart by the address filter alone.
     if maps::may_be_vip(pkt.dst_addr) {
+        let flow = pkt.flow_key();
+        let now = maps::now_ns();
+        if let Some(action) = forward::established(ctx, &pkt, &flow, now)? {
+            return Ok(action);
+        }
         let vip = VipKey {
             addr: pkt.dst_addr,
             port: pkt.dst_port,
@@ -50,7 +55,7 @@ fn try_lbaas_xdp(ctx: &XdpContext) -> Result<u32, ()> {
         };
         // SAFETY: the value is only read, and entries are replaced whole by the controller.
         if let Some(info) = unsafe { maps::LB_VIPS.get(vip) } {
-            return forward::to_member(ctx, &pkt, info);
+            return forward::to_member(ctx, &pkt, &flow, info, now);
         }
     }
     // Members' replies arrive only on member-side interfaces: on a client-only interface a
