@@ -1,9 +1,10 @@
 //! The lbaas XDP data path.
 //!
-//! Per packet: [`parse`] the headers (bounds-checked, anything unusual passed untouched), look
-//! the destination up in the VIP table ([`forward`]: connection table, member selection, DNAT),
-//! or, failing that, in the reverse-NAT table ([`reply`]: a member's answer rewritten back to
-//! the VIP), then hand the rewritten frame to [`egress`] for the next hop. Each stage returns
+//! Per packet: [`parse`] the headers (bounds-checked, anything unusual passed untouched); for a
+//! destination that may be a VIP's, the connection table ([`forward`]: an established flow
+//! goes to its member), then the VIP table (half-open and new flows: member selection); DNAT.
+//! Otherwise the reverse-NAT table ([`reply`]: a member's answer rewritten back to the VIP).
+//! Either way the rewritten frame goes to [`egress`] for the next hop. Each stage returns
 //! either a final XDP action or what the next stage needs (Katran's `FURTHER_PROCESSING`).
 #![no_std]
 #![no_main]
