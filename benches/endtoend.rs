@@ -21,7 +21,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -140,57 +140,145 @@ fn wrk(topo: &Topology, urls: &[String], s: &Settings, close: bool) -> (f64, u64
     (rate, errors)
 }
 
-/// Datagrams counted by the members' UDP sinks.
+/// The members' UDP sinks: bound sockets nobody reads, so that a datagram costs the member
+/// no system call and no wake-up (a full socket buffer drops it, counted by the kernel).
+/// What is counted is what reached the members' UDP layer, from each member namespace's
+/// `/proc/net/snmp`: the LB's work ends there.
 struct Sinks {
-    received: Arc<AtomicU64>,
+    members: Vec<String>,
 }
 
+/// Datagrams moved per system call by the client: it spends a fraction of a core on system
+/// calls, so the cost of what lies between it and the members (the LB) shows.
+const UDP_BATCH: usize = 64;
+
 impl Sinks {
-    /// One thread per member and port, counting what arrives.
+    /// A socket per member and port, held open for the rest of the run.
     fn start(topo: &Topology, ports: &[u16]) -> Self {
-        let received = Arc::new(AtomicU64::new(0));
+        let mut members = Vec::new();
         for i in 1..=topo.members {
-            for port in ports {
-                let (received, addr, port) = (received.clone(), member_addr(i), *port);
-                in_netns(&topo.member(i), move || {
-                    let socket = UdpSocket::bind((addr.as_str(), port)).expect("bind UDP sink");
-                    let mut buf = [0u8; 2048];
-                    while socket.recv(&mut buf).is_ok() {
-                        received.fetch_add(1, Ordering::Relaxed);
-                    }
-                });
-            }
+            let (addr, ports) = (member_addr(i), ports.to_vec());
+            in_netns(&topo.member(i), move || {
+                let _sockets: Vec<UdpSocket> = ports
+                    .iter()
+                    .map(|port| UdpSocket::bind((addr.as_str(), *port)).expect("bind UDP sink"))
+                    .collect();
+                std::thread::park();
+            });
+            members.push(topo.member(i));
         }
-        Self { received }
+        Self { members }
+    }
+
+    /// Datagrams that reached the members' UDP layer so far (delivered to a socket, or
+    /// dropped there because its buffer was full).
+    fn received(&self) -> u64 {
+        self.members
+            .iter()
+            .map(|ns| {
+                in_netns(ns, || {
+                    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp")
+                        .expect("read /proc/net/snmp");
+                    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+                    let (names, values) = (
+                        udp.next().expect("Udp: names"),
+                        udp.next().expect("Udp: values"),
+                    );
+                    let field = |name: &str| -> u64 {
+                        let at = names
+                            .split_whitespace()
+                            .position(|n| n == name)
+                            .expect("Udp field");
+                        values
+                            .split_whitespace()
+                            .nth(at)
+                            .and_then(|v| v.parse().ok())
+                            .expect("Udp value")
+                    };
+                    field("InDatagrams") + field("RcvbufErrors")
+                })
+                .join()
+                .expect("read a member's UDP counters")
+            })
+            .sum()
     }
 }
 
-/// Datagrams/s delivered to members when the client blasts `targets` for the run length.
-fn udp_rate(topo: &Topology, sinks: &Sinks, targets: &[SocketAddr], s: &Settings) -> f64 {
-    let targets = targets.to_vec();
-    let seconds = s.seconds;
-    let before = sinks.received.load(Ordering::Relaxed);
-    let sender = in_netns(&topo.client(), move || {
-        let sockets: Vec<UdpSocket> = (0..16)
-            .map(|k| {
-                let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
-                socket.connect(targets[k % targets.len()]).expect("connect");
-                socket
-            })
-            .collect();
-        let payload = [b'q'; 32];
-        let deadline = Instant::now() + Duration::from_secs(seconds);
-        let mut k = 0usize;
-        while Instant::now() < deadline {
-            for _ in 0..64 {
-                let _ = sockets[k % sockets.len()].send(&payload);
-                k += 1;
-            }
+/// Sends (or receives) up to `bufs.len()` datagrams on a connected (bound) socket with one
+/// `sendmmsg` (`recvmmsg`); returns how many went.
+fn udp_batch(socket: &UdpSocket, bufs: &mut [[u8; 64]], send: bool) -> std::io::Result<usize> {
+    let mut iovs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: if send { 32 } else { b.len() },
+        })
+        .collect();
+    // SAFETY: an all-zero mmsghdr is valid (no name, no control data).
+    let mut msgs: Vec<libc::mmsghdr> = (0..iovs.len())
+        .map(|_| unsafe { std::mem::zeroed() })
+        .collect();
+    for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
+        m.msg_hdr.msg_iov = iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    let fd = std::os::fd::AsRawFd::as_raw_fd(socket);
+    // SAFETY: msgs and the buffers they point to outlive the call; lengths are theirs.
+    let n = unsafe {
+        if send {
+            libc::sendmmsg(fd, msgs.as_mut_ptr(), msgs.len() as u32, 0)
+        } else {
+            libc::recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                msgs.len() as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
         }
-    });
-    sender.join().expect("UDP sender");
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Datagrams/s delivered to members when the client blasts `targets` for the run length: one
+/// sender thread per core, 16 flows between them, `sendmmsg` in batches.
+fn udp_rate(topo: &Topology, sinks: &Sinks, targets: &[SocketAddr], s: &Settings) -> f64 {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let flows_per_thread = 16 / threads.clamp(1, 16);
+    let seconds = s.seconds;
+    let before = sinks.received();
+    let senders: Vec<_> = (0..threads)
+        .map(|t| {
+            let targets = targets.to_vec();
+            in_netns(&topo.client(), move || {
+                let sockets: Vec<UdpSocket> = (0..flows_per_thread)
+                    .map(|k| {
+                        let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                        let flow = t * flows_per_thread + k;
+                        socket
+                            .connect(targets[flow % targets.len()])
+                            .expect("connect");
+                        socket
+                    })
+                    .collect();
+                let mut bufs = [[b'q'; 64]; UDP_BATCH];
+                let deadline = Instant::now() + Duration::from_secs(seconds);
+                let mut k = 0usize;
+                while Instant::now() < deadline {
+                    let _ = udp_batch(&sockets[k % sockets.len()], &mut bufs, true);
+                    k += 1;
+                }
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.join().expect("UDP sender");
+    }
     std::thread::sleep(Duration::from_millis(200));
-    (sinks.received.load(Ordering::Relaxed) - before) as f64 / s.seconds as f64
+    (sinks.received() - before) as f64 / s.seconds as f64
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -671,7 +759,7 @@ fn main() {
     let error_list: Vec<String> = errors.iter().map(|(n, e)| format!("{n} {e}")).collect();
     let _ = writeln!(
         md,
-        "\nCells: median over {} rounds of the per-round ratio to direct (raw median in brackets). Method: client, LB node, switch and two members in network namespaces joined by veth pairs on one {}-core machine, so every system shares the same two cores with wrk and nginx: the ratios say how much of the machine each way of balancing leaves to the work. Each round runs every system once per load, in the same order (A B C ... A B C ...), {} s each; two wrk `-t1` at once with {} connections between them (direct: one per member; the others: both at the VIP), `Connection: close` for the new-connection load; UDP: one sender thread, 16 flows of 32-byte datagrams, counted where the members receive them. Direct is plain routing through the LB node (the XDP program is attached there, as it is while the others are measured, and passes their packets). Members: one nginx worker each (`benchmarks/nginx.conf`); lbaas uses the members' port 8080 and the others port 80, so that one system's member-side flows never meet another's. Configurations: `benchmarks/lbaas.yaml`, `benchmarks/nftables.nft`, `benchmarks/haproxy.cfg` (round robin everywhere; HAProxy with its default threads, one per core). Errors reported by wrk over all runs: {}.",
+        "\nCells: median over {} rounds of the per-round ratio to direct (raw median in brackets). Method: client, LB node, switch and two members in network namespaces joined by veth pairs on one {}-core machine, so every system shares the same two cores with wrk and nginx: the ratios say how much of the machine each way of balancing leaves to the work. Each round runs every system once per load, in the same order (A B C ... A B C ...), {} s each; two wrk `-t1` at once with {} connections between them (direct: one per member; the others: both at the VIP), `Connection: close` for the new-connection load; UDP: a sender thread per core, 16 flows between them, 32-byte datagrams sent with `sendmmsg` in batches of 64, counted where they reach the members' UDP layer (`/proc/net/snmp` InDatagrams + RcvbufErrors in each member namespace; the members' sockets are never read, so neither end spends a system call per datagram and the cost of what lies between them shows). Direct is plain routing through the LB node (the XDP program is attached there, as it is while the others are measured, and passes their packets). Members: one nginx worker each (`benchmarks/nginx.conf`); lbaas uses the members' port 8080 and the others port 80, so that one system's member-side flows never meet another's. Configurations: `benchmarks/lbaas.yaml`, `benchmarks/nftables.nft`, `benchmarks/haproxy.cfg` (round robin everywhere; HAProxy with its default threads, one per core). Errors reported by wrk over all runs: {}.",
         s.rounds,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         s.seconds,
