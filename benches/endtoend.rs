@@ -265,6 +265,27 @@ fn udp_rate(topo: &Topology, sinks: &Sinks, targets: &[SocketAddr], s: &Settings
     (sinks.received() - before) as f64 / s.seconds as f64
 }
 
+/// A focused comparison's figures: per system and load, the median and every round's value,
+/// and each system's per-round ratio to the first one named.
+fn print_focus(
+    runs: &BTreeMap<(Load, &'static str), Vec<f64>>,
+    systems: &[System],
+    errors: &BTreeMap<&'static str, u64>,
+) {
+    for ((load, name), values) in runs {
+        let base = &runs[&(*load, systems[0].name)];
+        let ratios: Vec<f64> = values.iter().zip(base).map(|(v, b)| v / b).collect();
+        println!(
+            "{load:?} {name}: median {:.0}, ratio to {} {:.3} (rounds {:?}), errors {}",
+            median(values.clone()),
+            systems[0].name,
+            median(ratios),
+            values.iter().map(|v| v.round()).collect::<Vec<_>>(),
+            errors.get(name).copied().unwrap_or(0)
+        );
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -486,7 +507,28 @@ fn main() {
     let arg = |name: &str| args.iter().skip_while(|a| *a != name).nth(1).cloned();
     let out_path = arg("--out").unwrap_or_else(|| "BENCHMARKS.md".into());
     let plot_path = arg("--plot");
-    let s = if quick {
+    // A focused comparison (`--systems "HAProxy http,lbaas L7 proxy" --loads keep-alive`):
+    // only those systems and loads, alternated for `--rounds` rounds of `--seconds`, figures
+    // printed; no report, no control-plane part. For developers weighing a change.
+    let focus: Option<Vec<String>> =
+        arg("--systems").map(|v| v.split(',').map(|n| n.trim().to_string()).collect());
+    let loads: Vec<Load> = match arg("--loads") {
+        Some(v) => v
+            .split(',')
+            .map(|l| match l.trim() {
+                "keep-alive" => Load::KeepAlive,
+                "new-connection" => Load::NewConnection,
+                "udp" => Load::Udp,
+                other => {
+                    panic!("--loads: unknown load {other:?} (keep-alive, new-connection, udp)")
+                }
+            })
+            .collect(),
+        None => vec![Load::KeepAlive, Load::NewConnection, Load::Udp],
+    };
+    let number =
+        |name: &str| arg(name).map(|v| v.parse().unwrap_or_else(|_| panic!("{name}: a number")));
+    let mut s = if quick {
         Settings {
             rounds: 1,
             seconds: 1,
@@ -503,6 +545,8 @@ fn main() {
             cpu_window: Duration::from_secs(10),
         }
     };
+    s.rounds = number("--rounds").map_or(s.rounds, |n: u64| n as usize);
+    s.seconds = number("--seconds").unwrap_or(s.seconds);
     topology::require_root();
     let mut topo = Topology::new("bench", 2);
     let (c, lb) = (topo.client(), topo.lb());
@@ -584,8 +628,23 @@ fn main() {
     // Every system's figures, round by round, alternating systems within each round.
     let mut runs: BTreeMap<(Load, &'static str), Vec<f64>> = BTreeMap::new();
     let mut errors: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let systems: Vec<System> = match &focus {
+        Some(names) => {
+            for n in names {
+                assert!(
+                    systems.iter().any(|s| s.name == n),
+                    "--systems: unknown system {n:?}"
+                );
+            }
+            systems
+                .into_iter()
+                .filter(|s| names.iter().any(|n| n == s.name))
+                .collect()
+        }
+        None => systems,
+    };
     for round in 0..s.rounds {
-        for load in [Load::KeepAlive, Load::NewConnection, Load::Udp] {
+        for &load in &loads {
             for system in &systems {
                 let value = match load {
                     Load::Udp => match &system.udp {
@@ -603,6 +662,10 @@ fn main() {
                 runs.entry((load, system.name)).or_default().push(value);
             }
         }
+    }
+    if focus.is_some() {
+        print_focus(&runs, &systems, &errors);
+        return;
     }
     // Ratios to direct, per round, then the median.
     let mut ratios: BTreeMap<(Load, &'static str), f64> = BTreeMap::new();

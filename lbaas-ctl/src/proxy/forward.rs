@@ -1,10 +1,11 @@
 //! One request through the proxy: L7 policies, the pool's member choice and persistence,
-//! the request to the member (pooled connections, streamed bodies), and the response back.
+//! the request to the member (this thread's idle connections, streamed bodies), and the
+//! response back.
 
 use std::{
     collections::HashMap,
     convert::Infallible,
-    net::SocketAddr,
+    net::{SocketAddr, SocketAddrV4},
     pin::Pin,
     sync::{
         Arc,
@@ -22,9 +23,9 @@ use hyper::{
     body::Incoming,
     http::{HeaderMap, HeaderName, HeaderValue, header, request::Parts},
 };
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
 
 use super::{
+    conns::{ConnKey, Lease},
     pool::{Choice, MemberCounters, PERSISTENCE_COOKIE, Persistence, ProxyMember, ProxyPool},
     rules::{Action, Policies, RequestView, cookie},
 };
@@ -32,8 +33,6 @@ use crate::compile::MemberRef;
 
 /// Bodies the proxy sends either way.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
-/// The pooled client to members (plain HTTP, or TLS for `tls_enabled` pools).
-pub type MemberClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
 
 /// Which X-Forwarded headers a listener inserts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -90,15 +89,15 @@ pub struct RequestPlan {
 }
 
 /// Hop-by-hop headers (RFC 9110 7.6.1): they concern one connection, never forwarded.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Handles one request from `client`.
@@ -200,12 +199,38 @@ impl Drop for InFlight {
 }
 
 /// A body that counts its data bytes and, for a response, holds the member's in-flight
-/// count until it has been sent (or dropped).
-struct Tracked<B> {
+/// count and the connection it came on until it has been sent (or dropped): read whole,
+/// the connection goes back to the idle list.
+struct Tracked<B: Body> {
     inner: B,
     counter: Arc<MemberCounters>,
     outbound: bool,
     _in_flight: Option<InFlight>,
+    lease: Option<Lease>,
+    ended: bool,
+}
+
+impl<B: Body> Tracked<B> {
+    fn new(inner: B, counter: Arc<MemberCounters>, outbound: bool) -> Self {
+        Self {
+            inner,
+            counter,
+            outbound,
+            _in_flight: None,
+            lease: None,
+            ended: false,
+        }
+    }
+}
+
+impl<B: Body> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take()
+            && (self.ended || self.inner.is_end_stream())
+        {
+            lease.give_back();
+        }
+    }
 }
 
 impl<B> Body for Tracked<B>
@@ -221,15 +246,19 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            let bytes = if this.outbound {
-                &this.counter.bytes_out
-            } else {
-                &this.counter.bytes_in
-            };
-            bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let bytes = if this.outbound {
+                        &this.counter.bytes_out
+                    } else {
+                        &this.counter.bytes_in
+                    };
+                    bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(None) => this.ended = true,
+            _ => {}
         }
         polled
     }
@@ -246,6 +275,10 @@ where
 /// Removes hop-by-hop headers, and those the `Connection` header names, keeping the upgrade
 /// handshake's when `upgrade` is set.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none: one pass over the names, no removal attempted.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -258,35 +291,39 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             headers.remove(name);
         }
     }
-    for name in HOP_BY_HOP {
-        if !(upgrade && (name == "connection" || name == "upgrade")) {
+    for name in &HOP_BY_HOP {
+        if !(upgrade && (name == header::CONNECTION || name == header::UPGRADE)) {
             headers.remove(name);
         }
     }
 }
 
-/// The request as the member gets it.
+/// The request as the member gets it: HTTP/1.1, origin-form target, hop-by-hop headers
+/// dropped, a `Host` kept (or made from the client's URI, else the member's address), and
+/// the X-Forwarded headers the listener inserts.
 fn member_request(
-    parts: &Parts,
+    parts: Parts,
     body: ProxyBody,
     member: &ProxyMember,
     plan: &RequestPlan,
-    pool: &ProxyPool,
     client: SocketAddr,
     upgrade: bool,
 ) -> Request<ProxyBody> {
-    let scheme = if pool.tls { "https" } else { "http" };
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri: Uri = format!("{scheme}://{}{path}", member.authority)
-        .parse()
-        .unwrap_or_else(|_| Uri::from_static("/"));
-    let mut headers = parts.headers.clone();
+    let Parts {
+        method,
+        uri,
+        mut headers,
+        ..
+    } = parts;
     strip_hop_by_hop(&mut headers, upgrade);
-    if !headers.contains_key(header::HOST)
-        && let Some(authority) = parts.uri.authority()
-        && let Ok(v) = HeaderValue::from_str(authority.as_str())
-    {
-        headers.insert(header::HOST, v);
+    if !headers.contains_key(header::HOST) {
+        let host = match uri.authority() {
+            Some(authority) => HeaderValue::from_str(authority.as_str()),
+            None => HeaderValue::from_str(&member.authority),
+        };
+        if let Ok(v) = host {
+            headers.insert(header::HOST, v);
+        }
     }
     if plan.insert.forwarded_for {
         let ip = client.ip().to_canonical().to_string();
@@ -306,16 +343,73 @@ fn member_request(
         headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
     }
     let mut out = Request::new(body);
-    *out.method_mut() = parts.method.clone();
-    *out.uri_mut() = uri;
+    *out.method_mut() = method;
+    *out.uri_mut() = origin_form(uri);
     *out.version_mut() = Version::HTTP_11;
     *out.headers_mut() = headers;
     out
 }
 
-/// Sends the request to a member of `pool`. A member that refuses the connection is tried
-/// no further for this request: a request without a body goes to the next member (it was
-/// never sent), as HAProxy's `option redispatch` does.
+/// The request target a member gets: `/path?query` (an HTTP/2 client's URI is absolute).
+fn origin_form(uri: Uri) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return uri;
+    }
+    match uri.path_and_query() {
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
+    }
+}
+
+/// How one attempt at a member ended, short of a response.
+enum Failure {
+    /// No connection could be had: nothing was sent, another member may take the request.
+    Connect(super::conns::ConnectError),
+    /// The member failed the request (connection cut, malformed answer, ...).
+    Request(hyper::Error),
+    /// No response within `timeout_member_data`.
+    Timeout,
+}
+
+/// Sends `request` on a connection to `key` and waits for the response head. A request an
+/// idle connection could not take (the member closed it meanwhile; nothing was sent) goes
+/// once more, on a new connection.
+async fn exchange(
+    key: &ConnKey,
+    request: Request<ProxyBody>,
+    plan: &RequestPlan,
+    mut lease: Lease,
+) -> Result<(Response<Incoming>, Lease), Failure> {
+    let attempt = async {
+        match lease.sender().try_send_request(request).await {
+            Ok(response) => Ok(response),
+            Err(mut e) => match e.take_message() {
+                Some(request) => {
+                    lease = Lease::open(key, plan.member_connect_timeout)
+                        .await
+                        .map_err(Failure::Connect)?;
+                    lease
+                        .sender()
+                        .send_request(request)
+                        .await
+                        .map_err(Failure::Request)
+                }
+                None => Err(Failure::Request(e.into_error())),
+            },
+        }
+    };
+    let response = match plan.member_data_timeout {
+        Some(limit) => tokio::time::timeout(limit, attempt)
+            .await
+            .map_err(|_| Failure::Timeout)??,
+        None => attempt.await?,
+    };
+    Ok((response, lease))
+}
+
+/// Sends the request to a member of `pool`. A member no connection can be opened to is
+/// tried no further for this request, which goes to the next member (nothing was sent), as
+/// HAProxy's `option redispatch` does.
 async fn forward(
     req: Request<Incoming>,
     plan: &RequestPlan,
@@ -334,35 +428,15 @@ async fn forward(
         std::mem::swap(r.extensions_mut(), &mut parts.extensions);
         hyper::upgrade::on(r)
     });
-    let retryable = body.is_end_stream();
-    let mut body = Some(body);
     let mut tried: Vec<MemberRef> = Vec::new();
-    loop {
-        let in_flight = InFlight::new(&member.counters);
-        let sent = match body.take() {
-            Some(b) => Tracked {
-                inner: b,
-                counter: member.counters.clone(),
-                outbound: false,
-                _in_flight: None,
-            }
-            .boxed(),
-            None => full(Bytes::new()),
+    let (key, lease) = loop {
+        let key = ConnKey {
+            addr: SocketAddr::V4(SocketAddrV4::new(member.key.addr, member.key.port)),
+            tls: pool.tls,
         };
-        let request = member_request(&parts, sent, &member, plan, pool, client, upgrade);
-        let pending = super::shards::member_client(plan.member_connect_timeout).request(request);
-        let result = match plan.member_data_timeout {
-            Some(limit) => match tokio::time::timeout(limit, pending).await {
-                Ok(r) => r.map_err(Some),
-                Err(_) => Err(None),
-            },
-            None => pending.await.map_err(Some),
-        };
-        match result {
-            Ok(response) => {
-                return respond(response, pool, &member, choice, in_flight, client_upgrade);
-            }
-            Err(Some(e)) if e.is_connect() && retryable => {
+        match Lease::take(&key, plan.member_connect_timeout).await {
+            Ok(lease) => break (key, lease),
+            Err(e) => {
                 tracing::debug!(member = %member.authority, error = %e, "member refused; trying another");
                 tried.push(member.key.clone());
                 match pool.choose_other(&tried) {
@@ -370,20 +444,35 @@ async fn forward(
                     None => return no_member(plan),
                 }
             }
-            Err(Some(e)) => {
-                tracing::debug!(member = %member.authority, error = %e, "member request failed");
-                plan.counters.member_errors.fetch_add(1, Ordering::Relaxed);
-                let status = if e.is_connect() {
+        }
+    };
+    let in_flight = InFlight::new(&member.counters);
+    let sent = Tracked::new(body, member.counters.clone(), false).boxed();
+    let request = member_request(parts, sent, &member, plan, client, upgrade);
+    match exchange(&key, request, plan, lease).await {
+        Ok((response, lease)) => respond(
+            response,
+            pool,
+            &member,
+            choice,
+            in_flight,
+            lease,
+            client_upgrade,
+        ),
+        Err(failure) => {
+            plan.counters.member_errors.fetch_add(1, Ordering::Relaxed);
+            let status = match failure {
+                Failure::Connect(e) => {
+                    tracing::debug!(member = %member.authority, error = %e, "member refused a retried request");
                     StatusCode::SERVICE_UNAVAILABLE
-                } else {
+                }
+                Failure::Request(e) => {
+                    tracing::debug!(member = %member.authority, error = %e, "member request failed");
                     StatusCode::BAD_GATEWAY
-                };
-                return answer(status, status.canonical_reason().unwrap_or("Bad Gateway"));
-            }
-            Err(None) => {
-                plan.counters.member_errors.fetch_add(1, Ordering::Relaxed);
-                return answer(StatusCode::GATEWAY_TIMEOUT, "Gateway Timeout");
-            }
+                }
+                Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            };
+            answer(status, status.canonical_reason().unwrap_or("Bad Gateway"))
         }
     }
 }
@@ -396,6 +485,7 @@ fn respond(
     member: &ProxyMember,
     choice: Choice,
     in_flight: InFlight,
+    lease: Lease,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<ProxyBody> {
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -407,7 +497,8 @@ fn respond(
                 let mut m = hyper_util::rt::TokioIo::new(m);
                 let _ = tokio::io::copy_bidirectional(&mut c, &mut m).await;
             }
-            drop(in_flight);
+            // The member connection now carries the upgraded protocol: not given back.
+            drop((in_flight, lease));
         });
         let (parts, _) = response.into_parts();
         return Response::from_parts(parts, full(Bytes::new()));
@@ -439,12 +530,9 @@ fn respond(
         }
         _ => {}
     }
-    let body = Tracked {
-        inner: body,
-        counter: member.counters.clone(),
-        outbound: true,
-        _in_flight: Some(in_flight),
-    };
+    let mut body = Tracked::new(body, member.counters.clone(), true);
+    body._in_flight = Some(in_flight);
+    body.lease = Some(lease);
     Response::from_parts(parts, body.boxed())
 }
 

@@ -12,6 +12,7 @@
 //! the plan they started with, the listening socket stays open), starts new listeners and
 //! stops removed ones (their open connections finish).
 
+pub mod conns;
 pub mod forward;
 pub mod pool;
 pub mod rules;

@@ -1,0 +1,224 @@
+//! Connections to members. Each serving thread keeps its own idle HTTP/1.1 connections by
+//! member address (HAProxy's per-thread idle lists under `http-reuse safe`): a request takes
+//! one, or opens one, and the response gives it back once its body has been read whole. The
+//! thread-local list needs no lock, and a connection's driving task runs on the thread that
+//! uses it, so a request crosses no thread and no shared pool.
+
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_rustls::MaybeHttpsStream;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::forward::ProxyBody;
+
+/// How long an idle connection is kept for reuse (members usually keep theirs longer:
+/// nginx 75 s, HAProxy's `timeout http-keep-alive` follows the client timeout).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle connections kept per member and thread at most.
+const MAX_IDLE_PER_MEMBER: usize = 256;
+/// Every this many give-backs, a thread drops the idle connections that expired or closed
+/// for every member (those of removed members included).
+const SWEEP_EVERY: u32 = 4096;
+
+/// Which idle connections can carry a request: the member's address, and whether it is
+/// spoken to over TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// The member's address.
+    pub addr: SocketAddr,
+    /// TLS (`tls_enabled` pools) or plain HTTP.
+    pub tls: bool,
+}
+
+/// Why no connection to a member could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP connect failed (refused, unreachable, ...).
+    #[error("connecting to {addr}: {source}")]
+    Tcp {
+        /// The member.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed.
+    #[error("TLS handshake with {addr}: {source}")]
+    Tls {
+        /// The member.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TCP connect and TLS handshake took longer than the listener's `timeout_member_connect`.
+    #[error("connecting to {addr}: no answer within {limit:?}")]
+    Timeout {
+        /// The member.
+        addr: SocketAddr,
+        /// The limit.
+        limit: Duration,
+    },
+    /// The HTTP/1.1 connection could not be set up.
+    #[error("HTTP/1.1 handshake with {addr}: {source}")]
+    Handshake {
+        /// The member.
+        addr: SocketAddr,
+        /// Why.
+        source: hyper::Error,
+    },
+}
+
+/// A connection to a member, taken for one request. [`Lease::give_back`] returns it to this
+/// thread's idle list; dropped otherwise, it closes once the member's answer is done.
+#[derive(Debug)]
+pub struct Lease {
+    key: ConnKey,
+    sender: SendRequest<ProxyBody>,
+}
+
+struct Idle {
+    sender: SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct IdleLists {
+    by_member: HashMap<ConnKey, Vec<Idle>>,
+    give_backs: u32,
+}
+
+thread_local! {
+    static IDLE: RefCell<IdleLists> = RefCell::new(IdleLists::default());
+}
+
+impl Lease {
+    /// An idle connection of this thread to `key`, else a new one.
+    pub async fn take(
+        key: &ConnKey,
+        connect_timeout: Option<Duration>,
+    ) -> Result<Self, ConnectError> {
+        while let Some(mut sender) = take_idle(key) {
+            // Ready at once in the common case; an error means the member closed it.
+            if sender.ready().await.is_ok() {
+                return Ok(Self {
+                    key: key.clone(),
+                    sender,
+                });
+            }
+        }
+        Self::open(key, connect_timeout).await
+    }
+
+    /// A new connection to `key`, never an idle one (for a request an idle connection could
+    /// not take because the member had just closed it).
+    pub async fn open(
+        key: &ConnKey,
+        connect_timeout: Option<Duration>,
+    ) -> Result<Self, ConnectError> {
+        let sender = match connect_timeout {
+            Some(limit) => tokio::time::timeout(limit, connect(key))
+                .await
+                .map_err(|_| ConnectError::Timeout {
+                    addr: key.addr,
+                    limit,
+                })??,
+            None => connect(key).await?,
+        };
+        Ok(Self {
+            key: key.clone(),
+            sender,
+        })
+    }
+
+    /// The connection, to send on.
+    pub fn sender(&mut self) -> &mut SendRequest<ProxyBody> {
+        &mut self.sender
+    }
+
+    /// Returns the connection to this thread's idle list (its answer has been read whole).
+    pub fn give_back(self) {
+        if self.sender.is_closed() {
+            return;
+        }
+        IDLE.with(|idle| {
+            let mut idle = idle.borrow_mut();
+            idle.give_backs = idle.give_backs.wrapping_add(1);
+            if idle.give_backs % SWEEP_EVERY == 0 {
+                sweep(&mut idle.by_member);
+            }
+            let list = idle.by_member.entry(self.key).or_default();
+            if list.len() < MAX_IDLE_PER_MEMBER {
+                list.push(Idle {
+                    sender: self.sender,
+                    since: Instant::now(),
+                });
+            }
+        });
+    }
+}
+
+/// The most recently used idle connection to `key` that has not expired or closed.
+fn take_idle(key: &ConnKey) -> Option<SendRequest<ProxyBody>> {
+    IDLE.with(|idle| {
+        let mut idle = idle.borrow_mut();
+        let list = idle.by_member.get_mut(key)?;
+        while let Some(conn) = list.pop() {
+            if !conn.sender.is_closed() && conn.since.elapsed() < IDLE_TIMEOUT {
+                return Some(conn.sender);
+            }
+        }
+        None
+    })
+}
+
+fn sweep(by_member: &mut HashMap<ConnKey, Vec<Idle>>) {
+    for list in by_member.values_mut() {
+        list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_TIMEOUT);
+    }
+    by_member.retain(|_, list| !list.is_empty());
+}
+
+/// Opens a connection and starts its driving task on this thread.
+async fn connect(key: &ConnKey) -> Result<SendRequest<ProxyBody>, ConnectError> {
+    let addr = key.addr;
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|source| ConnectError::Tcp { addr, source })?;
+    let _ = tcp.set_nodelay(true);
+    let io = if key.tls {
+        let connector = tokio_rustls::TlsConnector::from(tls_config());
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let tls = connector
+            .connect(name, TokioIo::new(TokioIo::new(tcp)))
+            .await
+            .map_err(|source| ConnectError::Tls { addr, source })?;
+        MaybeHttpsStream::Https(TokioIo::new(tls))
+    } else {
+        MaybeHttpsStream::Http(TokioIo::new(tcp))
+    };
+    let (sender, conn) = http1::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(|source| ConnectError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(member = %addr, error = %e, "member connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// Members' certificates are not verified (as Octavia's HAProxy does with `ssl verify none`).
+fn tls_config() -> Arc<rustls::ClientConfig> {
+    thread_local! {
+        static CONFIG: Arc<rustls::ClientConfig> = crate::health::insecure_client_config();
+    }
+    CONFIG.with(Arc::clone)
+}
