@@ -222,3 +222,128 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
     }
     CONFIG.with(Arc::clone)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Empty};
+    use hyper::Request;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    /// A member on loopback that answers every request `ok` and counts the connections it
+    /// accepted.
+    async fn member() -> (ConnKey, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let key = ConnKey {
+            addr: listener.local_addr().unwrap(),
+            tls: false,
+        };
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if stream.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (key, accepted)
+    }
+
+    /// One GET on a leased connection; the answer's body, read whole.
+    async fn get(lease: &mut Lease) -> Vec<u8> {
+        let request = Request::builder()
+            .uri("/")
+            .header("host", "member")
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .unwrap();
+        let response = lease.sender().send_request(request).await.unwrap();
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_connection_given_back_carries_the_next_requests() {
+        let (key, accepted) = member().await;
+        for _ in 0..3 {
+            let mut lease = Lease::take(&key, None).await.unwrap();
+            assert_eq!(get(&mut lease).await, b"ok");
+            lease.give_back();
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_not_given_back_is_not_reused() {
+        let (key, accepted) = member().await;
+        for _ in 0..2 {
+            let mut lease = Lease::take(&key, None).await.unwrap();
+            assert_eq!(get(&mut lease).await, b"ok");
+            drop(lease);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_kept_per_member_and_scheme_and_tls_is_under_the_connect_timeout()
+    {
+        let (key, accepted) = member().await;
+        let mut lease = Lease::take(&key, None).await.unwrap();
+        get(&mut lease).await;
+        lease.give_back();
+        // The same address spoken to over TLS is another member: the plain connection is
+        // not handed out for it; a new one is opened, whose handshake this plain member never
+        // answers, and the connect timeout covers the handshake.
+        let tls = ConnKey {
+            tls: true,
+            ..key.clone()
+        };
+        let err = Lease::take(&tls, Some(Duration::from_millis(300)))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ConnectError::Timeout { .. }), "{err}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        let mut again = Lease::take(&key, None).await.unwrap();
+        assert_eq!(get(&mut again).await, b"ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_names_the_member() {
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let key = ConnKey {
+            addr: closed.local_addr().unwrap(),
+            tls: false,
+        };
+        drop(closed);
+        let err = Lease::take(&key, None).await.unwrap_err();
+        assert!(matches!(err, ConnectError::Tcp { .. }), "{err}");
+        assert!(err.to_string().contains(&key.addr.to_string()), "{err}");
+    }
+}

@@ -106,29 +106,25 @@ pub async fn handle(
     plan: Arc<RequestPlan>,
     client: SocketAddr,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let host = request_host(&req).map(str::to_owned);
-    let action = plan
-        .policies
-        .evaluate(&RequestView {
-            host: host.as_deref(),
-            path: req.uri().path(),
-            headers: req.headers(),
-        })
-        .map(|p| p.action.clone());
-    let pool = match action {
+    let policy = plan.policies.evaluate(&RequestView {
+        host: request_host(&req),
+        path: req.uri().path(),
+        headers: req.headers(),
+    });
+    let pool = match policy.map(|p| &p.action) {
         Some(Action::Reject) => return Ok(answer(StatusCode::FORBIDDEN, "Forbidden")),
-        Some(Action::RedirectUrl { url, code }) => return Ok(redirect(code, &url)),
+        Some(Action::RedirectUrl { url, code }) => return Ok(redirect(*code, url)),
         Some(Action::RedirectPrefix { prefix, code }) => {
             let rest = req.uri().path_and_query().map_or("/", |p| p.as_str());
             return Ok(redirect(
-                code,
+                *code,
                 &format!("{}{rest}", prefix.trim_end_matches('/')),
             ));
         }
-        Some(Action::Pool(name)) => Some(name),
-        None => plan.default_pool.clone(),
+        Some(Action::Pool(name)) => plan.pools.get(name),
+        None => plan.default_pool.as_ref().and_then(|n| plan.pools.get(n)),
     };
-    let Some(pool) = pool.and_then(|name| plan.pools.get(&name).cloned()) else {
+    let Some(pool) = pool.cloned() else {
         return Ok(no_member(&plan));
     };
     Ok(forward(req, &plan, &pool, client).await)
@@ -420,7 +416,7 @@ async fn forward(
     let Some((first, choice)) = pool.choose(client.ip(), cookie_of) else {
         return no_member(plan);
     };
-    let mut member = first.clone();
+    let mut member = first;
     let upgrade = req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
     let (mut parts, body) = req.into_parts();
     let client_upgrade = upgrade.then(|| {
@@ -440,7 +436,7 @@ async fn forward(
                 tracing::debug!(member = %member.authority, error = %e, "member refused; trying another");
                 tried.push(member.key.clone());
                 match pool.choose_other(&tried) {
-                    Some(next) => member = next.clone(),
+                    Some(next) => member = next,
                     None => return no_member(plan),
                 }
             }
@@ -448,12 +444,12 @@ async fn forward(
     };
     let in_flight = InFlight::new(&member.counters);
     let sent = Tracked::new(body, member.counters.clone(), false).boxed();
-    let request = member_request(parts, sent, &member, plan, client, upgrade);
+    let request = member_request(parts, sent, member, plan, client, upgrade);
     match exchange(&key, request, plan, lease).await {
         Ok((response, lease)) => respond(
             response,
             pool,
-            &member,
+            member,
             choice,
             in_flight,
             lease,
