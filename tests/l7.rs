@@ -434,6 +434,39 @@ fn a_killed_member_costs_no_more_than_its_requests_in_flight() {
     );
 }
 
+/// A member that refuses connections is skipped for requests with bodies too: nothing was
+/// sent to it, so each request goes whole to the other member (`option redispatch`).
+#[test]
+fn requests_with_bodies_go_to_another_member_when_one_refuses() {
+    require_root();
+    let mut topo = Topology::new("l7redis", 2);
+    // Member 2 is configured but never started: its port refuses.
+    topo.start_l7_member(1);
+    let daemon = start_daemon(&mut topo, "state");
+    ctl_ok(
+        &daemon,
+        &[
+            "apply",
+            "-f",
+            &write_config(&topo, "l7.yaml", &web_listener("", &[1, 2])),
+        ],
+    );
+    let body = "x".repeat(1000);
+    for _ in 0..6 {
+        let answer = curl(
+            &topo,
+            &["--data-binary", &body, &format!("http://{VIP}/post")],
+        );
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert!(answer.body.starts_with("member-1"), "{answer:?}");
+        assert_eq!(
+            answer.field("got"),
+            "1000",
+            "the whole body reached member-1"
+        );
+    }
+}
+
 /// Applying changes to an L7 listener under continuous traffic drops no request.
 #[test]
 fn applies_under_traffic_drop_no_request() {
