@@ -359,13 +359,40 @@ fn a_member_reply_is_rewritten_back_to_the_vip() {
     // A reply from a port the flow does not use is not ours: untouched.
     let stray = Frame {
         sport: 8081,
-        ..reply
+        ..reply.clone()
     };
     assert_frame(
         "stray",
         lb.run(&stray.build(), ns.mem),
         XDP_PASS,
         &stray.build(),
+    );
+    // Until the client's ACK, only handshake answers (SYN-ACK, FIN, RST) find the half-open
+    // flow: a member's data segment cannot belong to it yet, and passes untouched.
+    let early_data = Frame {
+        tcp_flags: 0x18,
+        payload: b"data".to_vec(),
+        ..reply.clone()
+    };
+    assert_frame(
+        "data before the handshake completed",
+        lb.run(&early_data.build(), ns.mem),
+        XDP_PASS,
+        &early_data.build(),
+    );
+    let reset = Frame {
+        tcp_flags: 0x14,
+        ..reply
+    };
+    assert_frame(
+        "reset of the half-open flow",
+        lb.run(&reset.build(), ns.mem),
+        XDP_REDIRECT,
+        &Frame {
+            tcp_flags: 0x14,
+            ..expected
+        }
+        .build(),
     );
 }
 

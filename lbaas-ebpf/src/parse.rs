@@ -98,6 +98,14 @@ impl Packet {
         self.proto == IPPROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 
+    /// A segment a member may send for a connection still half-open at the LB (its
+    /// SYN-ACK, or a FIN or RST ending it): data and bare ACKs only follow the client's ACK,
+    /// which moved the flow to the connection table.
+    #[inline(always)]
+    pub fn may_answer_half_open(&self) -> bool {
+        self.proto == IPPROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0
+    }
+
     /// A TCP segment that ends a connection (FIN or RST).
     #[inline(always)]
     pub fn is_close(&self) -> bool {

@@ -17,11 +17,13 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, ()> {
     // SAFETY: read-only copies of entries written whole.
     let nat = match unsafe { LB_CT_REV.get(key) } {
         Some(nat) => *nat,
-        // A SYN-ACK (or a RST) to a half-open flow.
-        None => match unsafe { LB_CT_SYN_REV.get(key) } {
+        // A SYN-ACK (or a FIN or RST) to a half-open flow. Other packets skip the lookup:
+        // a member's own traffic routed through this node costs one miss, not two.
+        None if pkt.may_answer_half_open() => match unsafe { LB_CT_SYN_REV.get(key) } {
             Some(nat) => *nat,
             None => return Ok(None),
         },
+        None => return Ok(None),
     };
     if pkt.is_close() {
         // The client-side key of this flow: client -> VIP.
