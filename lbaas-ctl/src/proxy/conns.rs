@@ -25,8 +25,11 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle connections kept per member and thread at most.
 const MAX_IDLE_PER_MEMBER: usize = 256;
 /// Every this many give-backs, a thread drops the idle connections that expired or closed
-/// for every member (those of removed members included).
+/// for every member (those of removed members included); a quiet thread does so on a timer
+/// (see [`expire_idle`]).
 const SWEEP_EVERY: u32 = 4096;
+/// How often a serving thread closes its expired idle connections, busy or not.
+const EXPIRE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Which idle connections can carry a request: the member's address, and whether it is
 /// spoken to over TLS.
@@ -151,7 +154,7 @@ impl Lease {
             let mut idle = idle.borrow_mut();
             idle.give_backs = idle.give_backs.wrapping_add(1);
             if idle.give_backs % SWEEP_EVERY == 0 {
-                sweep(&mut idle.by_member);
+                sweep(&mut idle.by_member, IDLE_TIMEOUT);
             }
             let list = idle.by_member.entry(self.key).or_default();
             if list.len() < MAX_IDLE_PER_MEMBER {
@@ -178,11 +181,34 @@ fn take_idle(key: &ConnKey) -> Option<SendRequest<ProxyBody>> {
     })
 }
 
-fn sweep(by_member: &mut HashMap<ConnKey, Vec<Idle>>) {
+fn sweep(by_member: &mut HashMap<ConnKey, Vec<Idle>>, max_idle: Duration) {
     for list in by_member.values_mut() {
-        list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_TIMEOUT);
+        list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < max_idle);
     }
     by_member.retain(|_, list| !list.is_empty());
+}
+
+/// Closes this thread's idle connections that have been idle `max_idle` or longer (and
+/// forgets those their member closed); see [`expire_idle_forever`].
+pub fn expire_idle(max_idle: Duration) {
+    IDLE.with(|idle| sweep(&mut idle.borrow_mut().by_member, max_idle));
+}
+
+/// This thread's idle connections, all members together.
+#[cfg(test)]
+fn idle_count() -> usize {
+    IDLE.with(|idle| idle.borrow().by_member.values().map(Vec::len).sum())
+}
+
+/// Closes this thread's expired idle connections every [`EXPIRE_INTERVAL`], for ever (a
+/// serving thread runs it, so that a quiet thread does not keep them open).
+pub async fn expire_idle_forever() {
+    let mut tick = tokio::time::interval(EXPIRE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        expire_idle(IDLE_TIMEOUT);
+    }
 }
 
 /// Opens a connection and starts its driving task on this thread.
@@ -329,6 +355,23 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, ConnectError::Timeout { .. }), "{err}");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        let mut again = Lease::take(&key, None).await.unwrap();
+        assert_eq!(get(&mut again).await, b"ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn expired_idle_connections_are_closed() {
+        let (key, accepted) = member().await;
+        let mut lease = Lease::take(&key, None).await.unwrap();
+        get(&mut lease).await;
+        lease.give_back();
+        assert_eq!(idle_count(), 1);
+        expire_idle(Duration::from_secs(30));
+        assert_eq!(idle_count(), 1, "not idle that long yet");
+        expire_idle(Duration::ZERO);
+        assert_eq!(idle_count(), 0);
+        // Closed: the next request needs a new connection.
         let mut again = Lease::take(&key, None).await.unwrap();
         assert_eq!(get(&mut again).await, b"ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);

@@ -30,7 +30,7 @@ fn start(index: usize) -> Handle {
                 .expect("an L7 serving runtime");
             tx.send(runtime.handle().clone())
                 .expect("the starting thread waits for the handle");
-            runtime.block_on(std::future::pending::<()>());
+            runtime.block_on(super::conns::expire_idle_forever());
         })
         .expect("an L7 serving thread");
     rx.recv().expect("the serving thread sends its handle")
