@@ -109,7 +109,8 @@ fn loaded_sized(yaml: &str, ns: &NetNs, conntrack_size: u32) -> (Datapath, Progr
 }
 
 /// One listener on :80 as in [`pool_yaml`], plus `extra` TCP listeners of one member each on
-/// ports 1000.. of the same VIP.
+/// ports 1000.. of the same VIP (member ports 10000..: as with distinct services, no member
+/// endpoint serves two listeners, so the SYN path is the one listener's).
 fn many_vips_yaml(extra: u32) -> String {
     let mut yaml = pool_yaml("ROUND_ROBIN");
     let pools_at = yaml.find("    pools:\n").expect("pools");
@@ -121,7 +122,8 @@ fn many_vips_yaml(extra: u32) -> String {
             1000 + k
         ));
         pools.push_str(&format!(
-            "      - {{name: p{k}, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: [{{address: 10.2.0.11, protocol_port: 8080}}]}}\n"
+            "      - {{name: p{k}, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: [{{address: 10.2.0.11, protocol_port: {}}}]}}\n",
+            10_000 + k
         ));
     }
     yaml.insert_str(pools_at, &listeners);

@@ -338,7 +338,10 @@ fn a_drained_member_keeps_its_flows_but_gets_no_new_ones() {
 fn a_member_reply_is_rewritten_back_to_the_vip() {
     let ns = NetNs::enter();
     let lb = Lb::new(TWO_MEMBERS);
-    lb.run(&to_vip(40000).build(), ns.lan);
+    assert_eq!(forwarded_to(&lb, &to_vip(40000), ns.lan), M1);
+    // Each member's endpoint serves this listener only: its SYN-ACK will find the flow from
+    // the VIP the member endpoint table names, without a reverse half-open entry.
+    assert_eq!(lb.datapath.half_open_counts().unwrap(), (1, 0));
     let mut reply = Frame::tcp((M1, 8080), (CLIENT, 40000));
     reply.tcp_flags = 0x12;
     reply.src_mac = M1_MAC;
@@ -367,6 +370,18 @@ fn a_member_reply_is_rewritten_back_to_the_vip() {
         XDP_PASS,
         &stray.build(),
     );
+    // Nor is a SYN-ACK for the same client from the other member, which the flow did not go to.
+    let other = Frame {
+        src: M2,
+        src_mac: M2_MAC,
+        ..reply.clone()
+    };
+    assert_frame(
+        "another member's SYN-ACK",
+        lb.run(&other.build(), ns.mem),
+        XDP_PASS,
+        &other.build(),
+    );
     // Until the client's ACK, only handshake answers (SYN-ACK, FIN, RST) find the half-open
     // flow: a member's data segment cannot belong to it yet, and passes untouched.
     let early_data = Frame {
@@ -394,6 +409,84 @@ fn a_member_reply_is_rewritten_back_to_the_vip() {
         }
         .build(),
     );
+}
+
+/// A member endpoint that serves two listeners gets a reverse half-open entry per SYN (its
+/// SYN-ACK cannot tell which VIP it answers for otherwise). A handshake caught by the apply
+/// that made the endpoint shared loses its first SYN-ACK (it passes untouched) and completes on
+/// the client's retransmitted SYN, which writes the reverse entry.
+#[test]
+fn a_member_shared_by_two_listeners_is_answered_through_the_reverse_half_open_table() {
+    let ns = NetNs::enter();
+    let listeners = |alt: &str| {
+        format!(
+            "loadbalancers:\n  - name: lb\n    vip_address: {VIP}\n    listeners:\n      - {{name: web, protocol: TCP, protocol_port: 80, default_pool: web}}\n{alt}    pools:\n      - {{name: web, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: [{{address: {M1}, protocol_port: 8080}}]}}\n      - {{name: alt, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: [{{address: {M1}, protocol_port: 8080}}]}}\n"
+        )
+    };
+    let mut lb = Lb::from_yaml(&listeners(""));
+    let syn = to_vip(40000);
+    assert_eq!(forwarded_to(&lb, &syn, ns.lan), M1);
+    assert_eq!(lb.datapath.half_open_counts().unwrap(), (1, 0));
+    lb.apply_yaml(&listeners(
+        "      - {name: alt, protocol: TCP, protocol_port: 81, default_pool: alt}\n",
+    ));
+    let syn_ack = |client_port: u16| Frame {
+        tcp_flags: 0x12,
+        src_mac: M1_MAC,
+        dst_mac: MEM_MAC,
+        ..Frame::tcp((M1, 8080), (CLIENT, client_port))
+    };
+    let rewritten = |client_port: u16, vip_port: u16| Frame {
+        src: VIP,
+        sport: vip_port,
+        src_mac: LAN_MAC,
+        dst_mac: CLIENT_MAC,
+        ..syn_ack(client_port)
+    };
+    assert_frame(
+        "SYN-ACK to a SYN sent before the endpoint was shared",
+        lb.run(&syn_ack(40000).build(), ns.mem),
+        XDP_PASS,
+        &syn_ack(40000).build(),
+    );
+    assert_eq!(forwarded_to(&lb, &syn, ns.lan), M1, "retransmitted SYN");
+    assert_eq!(lb.datapath.half_open_counts().unwrap(), (1, 1));
+    assert_frame(
+        "SYN-ACK to the retransmitted SYN",
+        lb.run(&syn_ack(40000).build(), ns.mem),
+        XDP_REDIRECT,
+        &rewritten(40000, 80).build(),
+    );
+    // New flows to either listener: a reverse entry each, and each SYN-ACK names its VIP port.
+    let to_alt = Frame {
+        dport: 81,
+        ..to_vip(40001)
+    };
+    assert_eq!(forwarded_to(&lb, &to_alt, ns.lan), M1);
+    assert_eq!(forwarded_to(&lb, &to_vip(40002), ns.lan), M1);
+    assert_eq!(lb.datapath.half_open_counts().unwrap(), (3, 3));
+    assert_frame(
+        "SYN-ACK of the flow to port 81",
+        lb.run(&syn_ack(40001).build(), ns.mem),
+        XDP_REDIRECT,
+        &rewritten(40001, 81).build(),
+    );
+    assert_frame(
+        "SYN-ACK of the flow to port 80",
+        lb.run(&syn_ack(40002).build(), ns.mem),
+        XDP_REDIRECT,
+        &rewritten(40002, 80).build(),
+    );
+    // The clients' ACKs move all three to the connection table, reverse entries and all.
+    for frame in [syn, to_alt, to_vip(40002)] {
+        let ack = Frame {
+            tcp_flags: 0x10,
+            ..frame
+        };
+        assert_eq!(forwarded_to(&lb, &ack, ns.lan), M1);
+    }
+    assert_eq!(lb.datapath.half_open_counts().unwrap(), (0, 0));
+    assert_eq!(lb.datapath.flow_count(), 3);
 }
 
 #[test]
@@ -1234,6 +1327,29 @@ fn a_reply_without_a_neighbour_entry_uses_the_clients_remembered_address() {
         lb.run(&reply.build(), ns.mem),
         XDP_REDIRECT,
         &expected.build(),
+    );
+    assert_eq!(lb.stat("pass_no_neighbour"), 0);
+    // The same for the SYN-ACK of a half-open flow (found without a reverse entry).
+    assert_eq!(forwarded_to(&lb, &to_vip(40001), ns.lan), M2);
+    assert_eq!(lb.datapath.half_open_counts().unwrap(), (1, 0));
+    let syn_ack = Frame {
+        tcp_flags: 0x12,
+        src_mac: M2_MAC,
+        dst_mac: MEM_MAC,
+        ..Frame::tcp((M2, 8080), (CLIENT, 40001))
+    };
+    assert_frame(
+        "SYN-ACK, no neighbour",
+        lb.run(&syn_ack.build(), ns.mem),
+        XDP_REDIRECT,
+        &Frame {
+            src: VIP,
+            sport: 80,
+            src_mac: LAN_MAC,
+            dst_mac: CLIENT_MAC,
+            ..syn_ack
+        }
+        .build(),
     );
     assert_eq!(lb.stat("pass_no_neighbour"), 0);
 }

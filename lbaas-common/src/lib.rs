@@ -13,7 +13,7 @@
 /// Version of the shared layouts as a whole. Pins live under `v<LAYOUT_VERSION>` in the pin
 /// directory, so a build with other layouts never reuses maps it would misread; bump it with
 /// any change to a map's key or value type, size or kind.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Name of the VIP table: [`VipKey`] -> [`VipInfo`].
 pub const MAP_VIPS: &str = "LB_VIPS";
@@ -47,12 +47,22 @@ pub const MAP_RR: &str = "LB_RR";
 pub const MAP_CONNTRACK: &str = "LB_CT";
 /// Name of the reverse-NAT table: member-side [`FlowKey`] -> [`ReverseNat`] (LRU).
 pub const MAP_REVERSE: &str = "LB_CT_REV";
-/// Name of the half-open table: TCP flows seen only with a SYN (or one packet) so far, in an
-/// LRU of their own so that a SYN flood evicts only other half-open flows, never established
-/// ones. Promoted to [`MAP_CONNTRACK`] on the client's next packet.
+/// Name of the half-open table: client-side [`FlowKey`] -> [`HalfOpen`] of TCP flows seen only
+/// with a SYN so far, in an LRU of their own so that a SYN flood evicts only other half-open
+/// flows, never established ones. Promoted to [`MAP_CONNTRACK`] on the client's next packet.
 pub const MAP_HALF_OPEN: &str = "LB_CT_SYN";
-/// Name of the half-open flows' reverse-NAT table (SYN-ACKs from members).
+/// Name of the half-open flows' reverse-NAT table (SYN-ACKs from members): member-side
+/// [`FlowKey`] -> [`ReverseNat`]. Written only for members whose endpoint is not in
+/// [`MAP_MEMBER_VIPS`]; the others' SYN-ACKs find their flow in [`MAP_HALF_OPEN`] instead.
 pub const MAP_HALF_OPEN_REVERSE: &str = "LB_CT_SYN_REV";
+/// Name of the member endpoint table: a member's [`Endpoint`] -> the one TCP listener
+/// ([`VipKey`]) it serves, for endpoints that serve exactly one. A SYN-ACK from such an
+/// endpoint names the client, and the entry names the VIP, which together make the client-side
+/// key of its half-open flow: a new flow to such a member (flagged [`MEMBER_F_SOLE_VIP`]) costs
+/// one table insert instead of two.
+pub const MAP_MEMBER_VIPS: &str = "LB_MVIP";
+/// Entries of [`MAP_MEMBER_VIPS`].
+pub const MAX_MEMBER_VIPS: u32 = MAX_MEMBERS;
 /// Name of the open/closed flow counters: member id, or `MAX_MEMBERS + listener id` ->
 /// [`FlowCounters`], updated atomically by the data path.
 pub const MAP_CONNS: &str = "LB_CONNS";
@@ -100,7 +110,7 @@ pub const MAP_GLOBAL_STATS: &str = "LB_GSTATS";
 pub const MAP_CLOCK: &str = "LB_CLOCK";
 
 /// Every map that holds state (all but [`MAP_CLOCK`]), e.g. to pin them all.
-pub const ALL_MAPS: [&str; 18] = [
+pub const ALL_MAPS: [&str; 19] = [
     MAP_IFACES,
     MAP_VIP_FILTER,
     MAP_MEMBER_HOPS,
@@ -115,6 +125,7 @@ pub const ALL_MAPS: [&str; 18] = [
     MAP_REVERSE,
     MAP_HALF_OPEN,
     MAP_HALF_OPEN_REVERSE,
+    MAP_MEMBER_VIPS,
     MAP_CONNS,
     MAP_EXPIRED,
     MAP_LISTENER_STATS,
@@ -251,6 +262,14 @@ impl SourcePrefix {
     }
 }
 
+/// A member endpoint ([`MAP_MEMBER_VIPS`] key): the same layout as a [`VipKey`], with the
+/// member's address, port and protocol.
+pub type Endpoint = VipKey;
+
+/// [`MemberInfo::flags`]: the member's endpoint serves one TCP listener, which
+/// [`MAP_MEMBER_VIPS`] names, so its SYN-ACKs are matched without a reverse half-open entry.
+pub const MEMBER_F_SOLE_VIP: u16 = 1 << 0;
+
 /// Value of the member table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -259,8 +278,8 @@ pub struct MemberInfo {
     pub addr: u32,
     /// Member port, network byte order.
     pub port: u16,
-    /// Explicit padding; always zero.
-    pub _pad: u16,
+    /// `MEMBER_F_*` bits.
+    pub flags: u16,
     /// Generation of this id: a flow pinned to an older generation of a reused id is
     /// rescheduled instead of following the new occupant.
     pub generation: u32,
@@ -300,6 +319,25 @@ pub struct FlowState {
     pub state: u32,
     /// `bpf_ktime_get_ns()` of a recent client packet (refreshed at most once a second).
     pub last_seen_ns: u64,
+}
+
+/// Half-open table value ([`MAP_HALF_OPEN`]): the flow's member, and what its SYN-ACK needs to
+/// reach the client when it is found from the member's side.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HalfOpen {
+    /// The flow, as it moves to [`MAP_CONNTRACK`] once the handshake completes.
+    pub flow: FlowState,
+    /// Interface the client's SYN arrived on.
+    pub client_ifindex: u32,
+    /// Whether a [`MAP_HALF_OPEN_REVERSE`] entry was written for the flow (removed with it).
+    pub has_reverse: u32,
+    /// The client's (or its router's) MAC, as its SYN carried it.
+    pub client_mac: [u8; 6],
+    /// This node's MAC on that interface, as the client's SYN was sent to it.
+    pub local_mac: [u8; 6],
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 4],
 }
 
 /// A cached FIB answer ([`MAP_MEMBER_HOPS`], [`MAP_NEXT_HOP`]), valid for the address and
@@ -379,6 +417,7 @@ const _: () = {
     assert!(core::mem::size_of::<MemberInfo>() == 16);
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<FlowState>() == 24);
+    assert!(core::mem::size_of::<HalfOpen>() == 48);
     assert!(core::mem::size_of::<FlowCounters>() == 16);
     assert!(core::mem::size_of::<CachedHop>() == 32);
     assert!(NEXT_HOP_ENTRIES.is_power_of_two() && NEXT_HOP_ENTRIES == 1 << (32 - 18));
@@ -441,6 +480,7 @@ mod user {
     unsafe impl aya::Pod for MemberInfo {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for HalfOpen {}
     unsafe impl aya::Pod for ReverseNat {}
     unsafe impl aya::Pod for ListenerStats {}
     unsafe impl aya::Pod for FlowCounters {}

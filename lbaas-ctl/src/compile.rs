@@ -13,9 +13,9 @@ use std::{
 };
 
 use lbaas_common::{
-    ALGO_LEAST_CONNECTIONS, ALGO_MAGLEV_5TUPLE, ALGO_MAGLEV_SOURCE, ALGO_ROUND_ROBIN,
-    MAX_LISTENERS, MAX_MEMBERS, MemberInfo, RING_SLOTS, VIP_F_L7_PASS, VIP_F_SOURCE_FILTER,
-    VipInfo, VipKey, vip_filter_slot,
+    ALGO_LEAST_CONNECTIONS, ALGO_MAGLEV_5TUPLE, ALGO_MAGLEV_SOURCE, ALGO_ROUND_ROBIN, Endpoint,
+    IPPROTO_TCP, MAX_LISTENERS, MAX_MEMBERS, MEMBER_F_SOLE_VIP, MemberInfo, RING_SLOTS,
+    VIP_F_L7_PASS, VIP_F_SOURCE_FILTER, VipInfo, VipKey, vip_filter_slot,
 };
 
 use crate::{
@@ -296,6 +296,67 @@ fn filter_counts(keys: impl Iterator<Item = VipKey>) -> BTreeMap<u32, u32> {
     counts
 }
 
+/// The member endpoints that serve exactly one TCP listener of the data path, with its VIP
+/// key, and the schedule entries (member refs or ids) to flag [`MEMBER_F_SOLE_VIP`]: a function
+/// of the schedules alone, so a restarted programmer computes what its predecessor wrote.
+struct SoleEndpoints<T> {
+    vips: BTreeMap<Endpoint, VipKey>,
+    members: BTreeSet<T>,
+}
+
+impl<T: Ord + Clone> SoleEndpoints<T> {
+    /// From each listener's VIP key, `VIP_F_*` flags and schedule; `endpoint` names an entry's
+    /// member endpoint.
+    fn of<'a>(
+        listeners: impl Iterator<Item = (VipKey, u32, &'a [T])> + Clone,
+        endpoint: impl Fn(&T) -> Endpoint,
+    ) -> Self
+    where
+        T: 'a,
+    {
+        // Only TCP listeners the XDP path serves have half-open flows.
+        let served = listeners
+            .filter(|(vip, flags, _)| vip.proto == IPPROTO_TCP && flags & VIP_F_L7_PASS == 0);
+        let mut served_by: BTreeMap<Endpoint, BTreeSet<VipKey>> = BTreeMap::new();
+        for (vip, _, schedule) in served.clone() {
+            for entry in schedule {
+                served_by.entry(endpoint(entry)).or_default().insert(vip);
+            }
+        }
+        let vips: BTreeMap<Endpoint, VipKey> = served_by
+            .into_iter()
+            .filter(|(_, vips)| vips.len() == 1)
+            .filter_map(|(endpoint, vips)| Some((endpoint, *vips.first()?)))
+            .collect();
+        let members = served
+            .flat_map(|(_, _, schedule)| schedule)
+            .filter(|entry| vips.contains_key(&endpoint(entry)))
+            .cloned()
+            .collect();
+        Self { vips, members }
+    }
+}
+
+/// The endpoint of a member as the data path sees its packets.
+fn member_endpoint(info: &MemberInfo) -> Endpoint {
+    VipKey {
+        addr: info.addr,
+        port: info.port,
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    }
+}
+
+/// The same, from the member's identity.
+fn ref_endpoint(member: &MemberRef) -> Endpoint {
+    VipKey {
+        addr: u32::from_ne_bytes(member.addr.octets()),
+        port: member.port.to_be(),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    }
+}
+
 fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
@@ -352,6 +413,11 @@ pub trait Tables {
     fn get_member(&mut self, id: u32) -> Result<MemberInfo, TableError>;
     /// Reads a VIP entry (for undo); `None` when absent.
     fn get_vip(&mut self, key: VipKey) -> Result<Option<VipInfo>, TableError>;
+    /// Sets (or, with `None`, removes) the one TCP listener a member endpoint serves.
+    fn set_member_vip(&mut self, endpoint: Endpoint, vip: Option<VipKey>)
+    -> Result<(), TableError>;
+    /// Reads a member endpoint's listener (for undo); `None` when absent.
+    fn get_member_vip(&mut self, endpoint: Endpoint) -> Result<Option<VipKey>, TableError>;
     /// Sets a VIP address filter slot's count.
     fn set_vip_filter(&mut self, slot: u32, count: u32) -> Result<(), TableError>;
     /// Reads a VIP address filter slot's count (for undo).
@@ -370,6 +436,7 @@ pub trait Tables {
 enum Undo {
     Member(u32, MemberInfo),
     Vip(VipKey, Option<VipInfo>),
+    MemberVip(Endpoint, Option<VipKey>),
     /// The programmer writes only changes, so taking one back is writing its opposite.
     Source(u32, SourceCidr, bool),
     Filter(u32, u32),
@@ -392,6 +459,7 @@ impl UndoLog<'_> {
                 Undo::Member(id, info) => self.inner.set_member(id, info),
                 Undo::Vip(key, Some(info)) => self.inner.set_vip(key, info),
                 Undo::Vip(key, None) => self.inner.remove_vip(key),
+                Undo::MemberVip(endpoint, vip) => self.inner.set_member_vip(endpoint, vip),
                 Undo::Source(id, source, allowed) => {
                     self.inner.set_source_allowed(id, source, !allowed)
                 }
@@ -441,6 +509,19 @@ impl Tables for UndoLog<'_> {
     }
     fn get_vip(&mut self, key: VipKey) -> Result<Option<VipInfo>, TableError> {
         self.inner.get_vip(key)
+    }
+    fn set_member_vip(
+        &mut self,
+        endpoint: Endpoint,
+        vip: Option<VipKey>,
+    ) -> Result<(), TableError> {
+        let old = self.inner.get_member_vip(endpoint)?;
+        self.inner.set_member_vip(endpoint, vip)?;
+        self.log.push(Undo::MemberVip(endpoint, old));
+        Ok(())
+    }
+    fn get_member_vip(&mut self, endpoint: Endpoint) -> Result<Option<VipKey>, TableError> {
+        self.inner.get_member_vip(endpoint)
     }
     fn set_vip_filter(&mut self, slot: u32, count: u32) -> Result<(), TableError> {
         let old = self.inner.get_vip_filter(slot)?;
@@ -695,6 +776,8 @@ pub struct Programmer {
     quarantined: Vec<(u32, u32)>,
     /// The VIP address filter as written: slot -> count (absent: 0).
     vip_filter: BTreeMap<u32, u32>,
+    /// The member endpoint table as written (see [`SoleEndpoints`]).
+    member_vips: BTreeMap<Endpoint, VipKey>,
 }
 
 impl Default for Programmer {
@@ -717,6 +800,7 @@ impl Programmer {
             generation: 0,
             quarantined: Vec::new(),
             vip_filter: BTreeMap::new(),
+            member_vips: BTreeMap::new(),
         }
     }
 
@@ -760,7 +844,7 @@ impl Programmer {
         let member_info = |m: &MemberRef, generation: u32, weight: u32| MemberInfo {
             addr: u32::from_ne_bytes(m.addr.octets()),
             port: m.port.to_be(),
-            _pad: 0,
+            flags: 0,
             generation,
             weight,
         };
@@ -824,7 +908,87 @@ impl Programmer {
         p.ring = ring;
         // What the last apply left in the pinned filter: the live VIPs' counts.
         p.vip_filter = filter_counts(p.listeners.values().map(|l| l.vip));
+        // And in the member endpoint table and flags: the same function of the schedules.
+        let endpoints: BTreeMap<u32, Endpoint> = p
+            .members
+            .values()
+            .map(|(id, info, _)| (*id, member_endpoint(info)))
+            .collect();
+        let sole = SoleEndpoints::of(
+            p.listeners
+                .values()
+                .map(|l| (l.vip, l.info.flags, &l.schedule[..])),
+            |id| endpoints.get(id).copied().unwrap_or_default(),
+        );
+        for (id, info, _) in p.members.values_mut() {
+            if sole.members.contains(id) {
+                info.flags |= MEMBER_F_SOLE_VIP;
+            }
+        }
+        p.member_vips = sole.vips;
         p
+    }
+
+    /// Clears [`MEMBER_F_SOLE_VIP`] from the members that keep it neither in `sole` nor for
+    /// the same VIP key: before any listener switches, so that no flagged member is in a
+    /// schedule of a VIP other than the member endpoint table's.
+    fn unflag_members(
+        &mut self,
+        tables: &mut dyn Tables,
+        sole: &SoleEndpoints<MemberRef>,
+    ) -> Result<(), TableError> {
+        for (member, (id, info, _)) in &mut self.members {
+            let endpoint = member_endpoint(info);
+            let keeps = sole.members.contains(member)
+                && sole.vips.get(&endpoint) == self.member_vips.get(&endpoint);
+            if info.flags & MEMBER_F_SOLE_VIP != 0 && !keeps {
+                info.flags &= !MEMBER_F_SOLE_VIP;
+                tables.set_member(*id, *info)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the member endpoint table (after [`Self::unflag_members`]: no flagged member's
+    /// entry changes).
+    fn write_member_vips(
+        &mut self,
+        tables: &mut dyn Tables,
+        sole: &SoleEndpoints<MemberRef>,
+    ) -> Result<(), TableError> {
+        let gone: Vec<Endpoint> = self
+            .member_vips
+            .keys()
+            .filter(|e| !sole.vips.contains_key(e))
+            .copied()
+            .collect();
+        for endpoint in gone {
+            tables.set_member_vip(endpoint, None)?;
+            self.member_vips.remove(&endpoint);
+        }
+        for (endpoint, vip) in &sole.vips {
+            if self.member_vips.get(endpoint) != Some(vip) {
+                tables.set_member_vip(*endpoint, Some(*vip))?;
+                self.member_vips.insert(*endpoint, *vip);
+            }
+        }
+        Ok(())
+    }
+
+    /// Flags the members the member endpoint table covers (once every listener has switched:
+    /// before, a member may still be in a schedule of the VIP it served before).
+    fn flag_members(
+        &mut self,
+        tables: &mut dyn Tables,
+        sole: &SoleEndpoints<MemberRef>,
+    ) -> Result<(), TableError> {
+        for (member, (id, info, _)) in &mut self.members {
+            if sole.members.contains(member) && info.flags & MEMBER_F_SOLE_VIP == 0 {
+                info.flags |= MEMBER_F_SOLE_VIP;
+                tables.set_member(*id, *info)?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes the filter slots whose count differs from `want` (only raising them when
@@ -957,6 +1121,18 @@ impl Programmer {
         // A key that a wanted listener uses is never removed, even if another listener
         // (moved or deleted) used it before.
         let wanted_vips: BTreeSet<VipKey> = want.listeners.values().map(|p| p.vip).collect();
+        // 0. Members whose endpoint stops serving one listener only (or changes listener) lose
+        //    their flag, then the member endpoint table is written: new members can be
+        //    flagged from their first write (no schedule names them yet), the others are once
+        //    every listener has switched (at the end).
+        let sole = SoleEndpoints::of(
+            want.listeners
+                .values()
+                .map(|p| (p.vip, p.flags, &p.slots[..])),
+            ref_endpoint,
+        );
+        self.unflag_members(tables, &sole)?;
+        self.write_member_vips(tables, &sole)?;
         // 1. New members get a slot before any schedule can name them; weights are updated.
         for (member, spec) in &want.members {
             let weight = &spec.weight;
@@ -981,7 +1157,11 @@ impl Programmer {
             let info = MemberInfo {
                 addr: u32::from_ne_bytes(member.addr.octets()),
                 port: member.port.to_be(),
-                _pad: 0,
+                flags: if sole.members.contains(member) {
+                    MEMBER_F_SOLE_VIP
+                } else {
+                    0
+                },
                 generation: self.generation,
                 weight: *weight,
             };
@@ -1100,6 +1280,7 @@ impl Programmer {
         // Slots of VIPs that are gone are lowered once the VIPs are.
         let live = filter_counts(self.listeners.values().map(|l| l.vip));
         self.write_filter(tables, &live, false)?;
+        self.flag_members(tables, &sole)?;
         // 4. Members no schedule names any more drain: their open flows continue (as HAProxy's
         //    old process serves its connections after a reload), no new flow reaches them.
         let gone: Vec<MemberRef> = self

@@ -297,6 +297,7 @@ pub struct KernelTables {
     member_stats: PerCpuArray<MapData, ListenerStats>,
     allowed_sources: LpmTrie<MapData, SourcePrefix, u8>,
     vip_filter: Array<MapData, u32>,
+    member_vips: HashMap<MapData, lbaas_common::Endpoint, VipKey>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -372,6 +373,7 @@ impl Datapath {
             member_stats: take(&mut ebpf, lbaas_common::MAP_MEMBER_STATS)?,
             allowed_sources: take(&mut ebpf, lbaas_common::MAP_ALLOWED_SOURCES)?,
             vip_filter: take(&mut ebpf, lbaas_common::MAP_VIP_FILTER)?,
+            member_vips: take(&mut ebpf, lbaas_common::MAP_MEMBER_VIPS)?,
         };
         Ok(Self {
             conntrack: take(&mut ebpf, MAP_CONNTRACK)?,
@@ -397,6 +399,19 @@ impl Datapath {
         let keys: Vec<VipKey> = self.tables.vips.keys().filter_map(Result::ok).collect();
         for key in &keys {
             self.tables.vips.remove(key).map_err(map_error(MAP_VIPS))?;
+        }
+        // And the member endpoints' listeners: the next apply writes them afresh.
+        let endpoints: Vec<VipKey> = self
+            .tables
+            .member_vips
+            .keys()
+            .filter_map(Result::ok)
+            .collect();
+        for endpoint in &endpoints {
+            self.tables
+                .member_vips
+                .remove(endpoint)
+                .map_err(map_error(lbaas_common::MAP_MEMBER_VIPS))?;
         }
         Ok(keys.len())
     }
@@ -644,6 +659,22 @@ impl Datapath {
         self.conntrack.keys().filter(Result::is_ok).count()
     }
 
+    /// Entries in the half-open table and in its reverse table (full scans; for tests and
+    /// diagnostics). A half-open flow has a reverse entry only if its member's endpoint
+    /// serves more than one listener (or its SYN was retransmitted).
+    pub fn half_open_counts(&self) -> Result<(usize, usize), DatapathError> {
+        Ok((
+            self.entries::<lbaas_common::HalfOpen>(lbaas_common::MAP_HALF_OPEN)?,
+            self.entries::<ReverseNat>(lbaas_common::MAP_HALF_OPEN_REVERSE)?,
+        ))
+    }
+
+    fn entries<V: aya::Pod>(&self, name: &'static str) -> Result<usize, DatapathError> {
+        let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+        let table = HashMap::<_, FlowKey, V>::try_from(map).map_err(map_error(name))?;
+        Ok(table.keys().filter(Result::is_ok).count())
+    }
+
     /// Removes idle UDP flows and lingering closed TCP flows, both directions, and counts the
     /// removed open flows as expired so least-connections and limits stop counting them.
     /// Established TCP flows are never expired here, however idle: removing one would move
@@ -779,6 +810,33 @@ impl Tables for KernelTables {
             Ok(info) => Ok(Some(info)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err(MAP_VIPS)(e)),
+        }
+    }
+
+    fn set_member_vip(
+        &mut self,
+        endpoint: lbaas_common::Endpoint,
+        vip: Option<VipKey>,
+    ) -> Result<(), TableError> {
+        let name = lbaas_common::MAP_MEMBER_VIPS;
+        match vip {
+            Some(vip) => self
+                .member_vips
+                .insert(endpoint, vip, 0)
+                .map_err(map_err(name)),
+            None if self.member_vips.get(&endpoint, 0).is_err() => Ok(()),
+            None => self.member_vips.remove(&endpoint).map_err(map_err(name)),
+        }
+    }
+
+    fn get_member_vip(
+        &mut self,
+        endpoint: lbaas_common::Endpoint,
+    ) -> Result<Option<VipKey>, TableError> {
+        match self.member_vips.get(&endpoint, 0) {
+            Ok(vip) => Ok(Some(vip)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(lbaas_common::MAP_MEMBER_VIPS)(e)),
         }
     }
 

@@ -5,9 +5,9 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg};
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lbaas_common::{
     ALGO_LEAST_CONNECTIONS, ALGO_MAGLEV_5TUPLE, ALGO_MAGLEV_SOURCE, FLOW_CLOSED, FlowKey,
-    FlowState, IPPROTO_TCP, MAX_LEAST_CONN_MEMBERS, MemberInfo, ReverseNat, STAT_DROP_NO_MEMBER,
-    STAT_DROP_SOURCE, STAT_PASS_L7, VIP_F_L7_PASS, VIP_F_SOURCE_FILTER, VipInfo, hash_5tuple,
-    hash_source,
+    FlowState, HalfOpen, IPPROTO_TCP, MAX_LEAST_CONN_MEMBERS, MEMBER_F_SOLE_VIP, MemberInfo,
+    ReverseNat, STAT_DROP_NO_MEMBER, STAT_DROP_SOURCE, STAT_PASS_L7, VIP_F_L7_PASS,
+    VIP_F_SOURCE_FILTER, VipInfo, hash_5tuple, hash_source,
 };
 
 use crate::{
@@ -192,21 +192,31 @@ fn half_open_member(
     if pkt.proto != IPPROTO_TCP {
         return None;
     }
-    // SAFETY: read-only copy of an entry written whole.
-    let state = unsafe { LB_CT_SYN.get(flow) }.copied()?;
+    let entry = LB_CT_SYN.get_ptr_mut(flow)?;
+    // SAFETY: a live map value, written whole at insert; only `has_reverse` changes after.
+    let (state, has_reverse) = unsafe { ((*entry).flow, (*entry).has_reverse) };
     let member = *LB_MEMBERS.get(state.member_id)?;
     if member.addr == 0 || member.generation != state.member_generation {
         let _ = LB_CT_SYN.remove(flow);
         return None;
     }
-    if pkt.is_syn() {
-        return Some((state.member_id, member));
-    }
     let reply = reply_key(&member, pkt);
     let nat = reverse_nat(ctx, pkt, vip, state.member_id);
+    if pkt.is_syn() {
+        // A retransmitted SYN: the member's SYN-ACK may not have found its way back (an apply
+        // took the member's endpoint out of LB_MVIP meanwhile), so the next one finds the
+        // reverse entry. Retransmissions only: the first SYN of such a member skips it.
+        if has_reverse == 0 && LB_CT_SYN_REV.insert(reply, nat, 0).is_ok() {
+            // SAFETY: as above; a racing CPU writes the same value.
+            unsafe { (*entry).has_reverse = 1 };
+        }
+        return Some((state.member_id, member));
+    }
     LB_CT_REV.insert(reply, nat, 0).ok()?;
     LB_CT.insert(flow, state, 0).ok()?;
-    let _ = LB_CT_SYN_REV.remove(reply);
+    if has_reverse != 0 {
+        let _ = LB_CT_SYN_REV.remove(reply);
+    }
     let _ = LB_CT_SYN.remove(flow);
     maps::count_flow(state.member_id, true);
     maps::count_flow(maps::listener_slot(vip.listener_id), true);
@@ -341,15 +351,34 @@ fn new_flow_member(
         state: 0,
         last_seen_ns: now,
     };
-    let reply = reply_key(&member, pkt);
-    let nat = reverse_nat(ctx, pkt, vip, member_id);
-    // Reverse entry first: a reply can never find a flow without its way back.
     if pkt.proto == IPPROTO_TCP {
         // Half-open until the client's next packet: a SYN flood churns only these tables.
-        LB_CT_SYN_REV.insert(reply, nat, 0).ok()?;
-        LB_CT_SYN.insert(flow, state, 0).ok()?;
+        // A member whose endpoint serves only this listener needs no reverse entry: its
+        // SYN-ACK finds the flow through LB_MVIP (reply::half_open_nat).
+        let has_reverse = member.flags & MEMBER_F_SOLE_VIP == 0;
+        if has_reverse {
+            // Reverse entry first: a reply can never find a flow without its way back.
+            LB_CT_SYN_REV
+                .insert(
+                    reply_key(&member, pkt),
+                    reverse_nat(ctx, pkt, vip, member_id),
+                    0,
+                )
+                .ok()?;
+        }
+        let half_open = HalfOpen {
+            flow: state,
+            client_ifindex: ctx.ingress_ifindex() as u32,
+            has_reverse: u32::from(has_reverse),
+            client_mac: pkt.src_mac,
+            local_mac: pkt.dst_mac,
+            _pad: [0; 4],
+        };
+        LB_CT_SYN.insert(flow, half_open, 0).ok()?;
         return Some((member_id, member));
     }
+    let reply = reply_key(&member, pkt);
+    let nat = reverse_nat(ctx, pkt, vip, member_id);
     LB_CT_REV.insert(reply, nat, 0).ok()?;
     LB_CT.insert(flow, state, 0).ok()?;
     maps::count_flow(member_id, true);

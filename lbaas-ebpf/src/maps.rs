@@ -7,10 +7,10 @@ use aya_ebpf::{
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use lbaas_common::{
-    CONN_COUNTER_SLOTS, CachedHop, DEFAULT_CONNTRACK_SIZE, FlowCounters, FlowKey, FlowState,
-    ListenerStats, MAX_ALLOWED_SOURCES, MAX_IFACES, MAX_LISTENERS, MAX_MEMBERS, MAX_VIPS,
-    MemberInfo, NEXT_HOP_ENTRIES, RING_SLOTS, ReverseNat, STAT_COUNT, SourcePrefix,
-    VIP_FILTER_SLOTS, VipInfo, VipKey,
+    CONN_COUNTER_SLOTS, CachedHop, DEFAULT_CONNTRACK_SIZE, Endpoint, FlowCounters, FlowKey,
+    FlowState, HalfOpen, ListenerStats, MAX_ALLOWED_SOURCES, MAX_IFACES, MAX_LISTENERS,
+    MAX_MEMBER_VIPS, MAX_MEMBERS, MAX_VIPS, MemberInfo, NEXT_HOP_ENTRIES, RING_SLOTS, ReverseNat,
+    STAT_COUNT, SourcePrefix, VIP_FILTER_SLOTS, VipInfo, VipKey,
 };
 
 /// VIP address filter (see `MAP_VIP_FILTER`).
@@ -54,13 +54,18 @@ pub static LB_CT_REV: LruHashMap<FlowKey, ReverseNat> =
 /// Half-open TCP flows (only a SYN seen): their own LRU, so a SYN flood cannot evict
 /// established flows.
 #[map(name = "LB_CT_SYN")]
-pub static LB_CT_SYN: LruHashMap<FlowKey, FlowState> =
+pub static LB_CT_SYN: LruHashMap<FlowKey, HalfOpen> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
 
-/// Reverse NAT of half-open flows (the member's SYN-ACK).
+/// Reverse NAT of half-open flows (the member's SYN-ACK) whose member endpoint serves more than
+/// one listener.
 #[map(name = "LB_CT_SYN_REV")]
 pub static LB_CT_SYN_REV: LruHashMap<FlowKey, ReverseNat> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+/// Member endpoint -> the one TCP listener it serves (see `MAP_MEMBER_VIPS`).
+#[map(name = "LB_MVIP")]
+pub static LB_MVIP: HashMap<Endpoint, VipKey> = HashMap::with_max_entries(MAX_MEMBER_VIPS, 0);
 
 /// Allowed source prefixes of listeners with `allowed_cidrs` (see `VIP_F_SOURCE_FILTER`).
 #[map(name = "LB_SRC_ALLOW")]

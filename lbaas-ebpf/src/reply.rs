@@ -1,12 +1,12 @@
 //! Member -> client: restore the VIP as the source of a tracked flow's replies.
 
 use aya_ebpf::programs::XdpContext;
-use lbaas_common::FlowKey;
+use lbaas_common::{FlowKey, ReverseNat, VipKey};
 
 use crate::{
     egress::{self, Rewrite},
     forward::close_flow,
-    maps::{self, Direction, LB_CT, LB_CT_REV, LB_CT_SYN_REV},
+    maps::{self, Direction, LB_CT, LB_CT_REV, LB_CT_SYN, LB_CT_SYN_REV, LB_MEMBERS, LB_MVIP},
     parse::Packet,
 };
 
@@ -19,25 +19,16 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, ()> {
         Some(nat) => *nat,
         // A SYN-ACK (or a FIN or RST) to a half-open flow. Other packets skip the lookup:
         // a member's own traffic routed through this node costs one miss, not two.
-        None if pkt.may_answer_half_open() => match unsafe { LB_CT_SYN_REV.get(key) } {
-            Some(nat) => *nat,
+        None if pkt.may_answer_half_open() => match half_open_nat(pkt, &key) {
+            Some(nat) => nat,
             None => return Ok(None),
         },
         None => return Ok(None),
     };
-    if pkt.is_close() {
-        // The client-side key of this flow: client -> VIP.
-        let flow = FlowKey {
-            src_addr: pkt.dst_addr,
-            dst_addr: nat.vip_addr,
-            src_port: pkt.dst_port,
-            dst_port: nat.vip_port,
-            proto: pkt.proto,
-            _pad: [0; 3],
-        };
-        if let Some(state) = LB_CT.get_ptr_mut(flow) {
-            close_flow(state);
-        }
+    if pkt.is_close()
+        && let Some(state) = LB_CT.get_ptr_mut(client_key(pkt, nat.vip_addr, nat.vip_port))
+    {
+        close_flow(state);
     }
     maps::count_listener(nat.listener_id, Direction::Out, pkt.tot_len, false);
     maps::count_member(nat.member_id, Direction::Out, pkt.tot_len, false);
@@ -52,4 +43,51 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, ()> {
         maps::now_ns(),
     )
     .map(Some)
+}
+
+/// The client-side key of the flow a member's packet answers: client -> VIP.
+#[inline(always)]
+fn client_key(pkt: &Packet, vip_addr: u32, vip_port: u16) -> FlowKey {
+    FlowKey {
+        src_addr: pkt.dst_addr,
+        dst_addr: vip_addr,
+        src_port: pkt.dst_port,
+        dst_port: vip_port,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// How to rewrite a member's answer to a half-open flow: from the flow itself when the member's
+/// endpoint serves one listener (LB_MVIP names its VIP, the packet its client), else from the
+/// reverse half-open table.
+#[inline(always)]
+fn half_open_nat(pkt: &Packet, key: &FlowKey) -> Option<ReverseNat> {
+    let endpoint = VipKey {
+        addr: pkt.src_addr,
+        port: pkt.src_port,
+        proto: pkt.proto,
+        _pad: 0,
+    };
+    // SAFETY: read-only copies of entries written whole.
+    if let Some(vip) = unsafe { LB_MVIP.get(endpoint) }.copied()
+        && let Some(half) = unsafe { LB_CT_SYN.get(client_key(pkt, vip.addr, vip.port)) }
+        // The flow went to this member, not to another that answers for the same client.
+        && LB_MEMBERS
+            .get(half.flow.member_id)
+            .is_some_and(|m| m.addr == pkt.src_addr && m.port == pkt.src_port)
+    {
+        return Some(ReverseNat {
+            vip_addr: vip.addr,
+            vip_port: vip.port,
+            _pad: 0,
+            listener_id: half.flow.listener_id,
+            client_ifindex: half.client_ifindex,
+            client_mac: half.client_mac,
+            local_mac: half.local_mac,
+            member_id: half.flow.member_id,
+        });
+    }
+    // The member's endpoint serves several listeners (or did when the SYN went out).
+    unsafe { LB_CT_SYN_REV.get(key) }.copied()
 }

@@ -26,6 +26,8 @@ struct MemoryTables {
     filter_needs: Vec<SourceCidr>,
     /// The VIP address filter.
     vip_filter: HashMap<u32, u32>,
+    /// The member endpoint table.
+    member_vips: HashMap<VipKey, VipKey>,
 }
 
 impl MemoryTables {
@@ -50,6 +52,18 @@ impl MemoryTables {
                     member.addr, 0,
                     "{key:?}: slot {slot} names cleared member {id}"
                 );
+                // A flagged member's SYN-ACKs are matched through the endpoint table: it
+                // must name this VIP, or they would find no flow.
+                if member.flags & MEMBER_F_SOLE_VIP != 0
+                    && key.proto == lbaas_common::IPPROTO_TCP
+                    && info.flags & VIP_F_L7_PASS == 0
+                {
+                    assert_eq!(
+                        self.member_vips.get(&member_endpoint(member)),
+                        Some(key),
+                        "{key:?}: slot {slot} names member {id}, flagged for another VIP"
+                    );
+                }
             }
         }
     }
@@ -115,6 +129,18 @@ impl Tables for MemoryTables {
     }
     fn get_vip(&mut self, key: VipKey) -> Result<Option<VipInfo>, TableError> {
         Ok(self.vips.get(&key).copied())
+    }
+    fn set_member_vip(&mut self, endpoint: VipKey, vip: Option<VipKey>) -> Result<(), TableError> {
+        match vip {
+            Some(vip) => self.member_vips.insert(endpoint, vip),
+            None => self.member_vips.remove(&endpoint),
+        };
+        self.writes += 1;
+        self.check_consistent();
+        Ok(())
+    }
+    fn get_member_vip(&mut self, endpoint: VipKey) -> Result<Option<VipKey>, TableError> {
+        Ok(self.member_vips.get(&endpoint).copied())
     }
     fn set_vip_filter(&mut self, slot: u32, count: u32) -> Result<(), TableError> {
         self.vip_filter.insert(slot, count);
@@ -662,6 +688,13 @@ impl Tables for FailingTables {
     fn get_vip(&mut self, key: VipKey) -> Result<Option<VipInfo>, TableError> {
         self.inner.get_vip(key)
     }
+    fn set_member_vip(&mut self, endpoint: VipKey, vip: Option<VipKey>) -> Result<(), TableError> {
+        self.write()?;
+        self.inner.set_member_vip(endpoint, vip)
+    }
+    fn get_member_vip(&mut self, endpoint: VipKey) -> Result<Option<VipKey>, TableError> {
+        self.inner.get_member_vip(endpoint)
+    }
     fn set_vip_filter(&mut self, slot: u32, count: u32) -> Result<(), TableError> {
         self.write()?;
         self.inner.set_vip_filter(slot, count)
@@ -689,6 +722,7 @@ type Visible = (
     Vec<(u32, MemberInfo)>,
     BTreeSet<(u32, SourceCidr)>,
     BTreeSet<(u32, u32)>,
+    BTreeMap<VipKey, VipKey>,
 );
 
 /// What the data path can see: every VIP with the members its region names, and every live
@@ -713,7 +747,8 @@ fn visible(t: &MemoryTables) -> Visible {
         .filter(|(_, c)| **c != 0)
         .map(|(s, c)| (*s, *c))
         .collect();
-    (vips, members, t.sources.clone(), filter)
+    let member_vips = t.member_vips.iter().map(|(e, v)| (*e, *v)).collect();
+    (vips, members, t.sources.clone(), filter, member_vips)
 }
 
 #[test]
@@ -759,20 +794,24 @@ fn the_vip_filter_counts_live_vips_and_empties_with_them() {
 
 #[test]
 fn a_failed_apply_is_rolled_back_whatever_write_fails() {
-    let two_listeners = |members: &str, port2: u16, cidrs: &str| {
+    // `solo` has a pool of its own: its member's endpoint serves one listener (flagged, in the
+    // member endpoint table); `web` and `alt` share theirs.
+    let two_listeners = |members: &str, port2: u16, cidrs: &str, solo: u8| {
         config::load_str(&format!(
-            "loadbalancers:\n  - name: lb\n    vip_address: 10.9.0.1\n    listeners:\n      - {{name: web, protocol: TCP, protocol_port: 80, default_pool: p, allowed_cidrs: {cidrs}}}\n      - {{name: alt, protocol: TCP, protocol_port: {port2}, default_pool: p}}\n    pools:\n      - {{name: p, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: {members}}}\n"
+            "loadbalancers:\n  - name: lb\n    vip_address: 10.9.0.1\n    listeners:\n      - {{name: web, protocol: TCP, protocol_port: 80, default_pool: p, allowed_cidrs: {cidrs}}}\n      - {{name: alt, protocol: TCP, protocol_port: {port2}, default_pool: p}}\n      - {{name: solo, protocol: TCP, protocol_port: 90, default_pool: s}}\n    pools:\n      - {{name: p, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: {members}}}\n      - {{name: s, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: [{{address: 10.9.1.{solo}, protocol_port: 8080}}]}}\n"
         ), "t").unwrap()
     };
     let a = two_listeners(
         "[{address: 10.9.1.1, protocol_port: 8080}, {address: 10.9.1.2, protocol_port: 8080}]",
         81,
         "[10.0.0.0/8, 192.0.2.0/24]",
+        8,
     );
     let b = two_listeners(
         "[{address: 10.9.1.2, protocol_port: 8080, weight: 3}, {address: 10.9.1.3, protocol_port: 8080}]",
         82,
         "[192.0.2.0/24, 198.51.100.0/24]",
+        9,
     );
     // How many writes the change takes when nothing fails.
     let mut probe = FailingTables {
@@ -821,7 +860,103 @@ fn a_failed_apply_is_rolled_back_whatever_write_fails() {
             tables.inner.rotation(&web_key()),
             vec![ip(2), ip(2), ip(3), ip(2)]
         );
+        assert_eq!(
+            tables.inner.member_vips,
+            HashMap::from([(
+                endpoint(9),
+                VipKey {
+                    port: 90u16.to_be(),
+                    ..web_key()
+                }
+            )])
+        );
     }
+}
+
+/// The member endpoint table's key of `10.9.1.<last>:8080`.
+fn endpoint(last: u8) -> VipKey {
+    VipKey {
+        addr: u32::from_ne_bytes([10, 9, 1, last]),
+        port: 8080u16.to_be(),
+        proto: lbaas_common::IPPROTO_TCP,
+        _pad: 0,
+    }
+}
+
+/// Member ids flagged [`MEMBER_F_SOLE_VIP`], by address.
+fn flagged(t: &MemoryTables) -> BTreeSet<Ipv4Addr> {
+    t.members
+        .values()
+        .filter(|m| m.addr != 0 && m.flags & MEMBER_F_SOLE_VIP != 0)
+        .map(|m| Ipv4Addr::from(m.addr.to_ne_bytes()))
+        .collect()
+}
+
+/// A member endpoint that serves one TCP listener of the data path is flagged and mapped to
+/// it; one that serves two is not (nor do UDP or HTTP listeners count); changes keep every
+/// flagged member's endpoint mapped to the VIP whose ring names it at every single write
+/// (`check_consistent`), and a restored programmer knows the table without writing.
+#[test]
+fn member_endpoints_that_serve_one_listener_are_mapped_to_it() {
+    let lb = |web: &str, alt: &str| {
+        config::load_str(&format!(
+            "loadbalancers:\n  - name: lb\n    vip_address: 10.9.0.1\n    listeners:\n      - {{name: web, protocol: TCP, protocol_port: 80, default_pool: w}}\n      - {{name: alt, protocol: TCP, protocol_port: 81, default_pool: a}}\n      - {{name: dns, protocol: UDP, protocol_port: 53, default_pool: d}}\n      - {{name: www, protocol: HTTP, protocol_port: 8000, default_pool: h}}\n    pools:\n      - {{name: w, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: {web}}}\n      - {{name: a, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: {alt}}}\n      - {{name: d, protocol: UDP, lb_algorithm: ROUND_ROBIN, members: [{{address: 10.9.1.1, protocol_port: 8080}}]}}\n      - {{name: h, protocol: HTTP, lb_algorithm: ROUND_ROBIN, members: [{{address: 10.9.1.1, protocol_port: 8080}}]}}\n"
+        ), "t").unwrap()
+    };
+    let members = |last: &[u8]| {
+        let list: Vec<String> = last
+            .iter()
+            .map(|l| format!("{{address: 10.9.1.{l}, protocol_port: 8080}}"))
+            .collect();
+        format!("[{}]", list.join(", "))
+    };
+    let alt_key = VipKey {
+        port: 81u16.to_be(),
+        ..web_key()
+    };
+    let mut tables = MemoryTables::default();
+    let mut p = Programmer::new();
+    let first = lb(&members(&[1, 2]), &members(&[2, 3]));
+    p.apply(&mut tables, &desired_default(&first)).unwrap();
+    assert_eq!(
+        tables.member_vips,
+        HashMap::from([(endpoint(1), web_key()), (endpoint(3), alt_key)])
+    );
+    let addr = |l: u8| Ipv4Addr::new(10, 9, 1, l);
+    assert_eq!(flagged(&tables), BTreeSet::from([addr(1), addr(3)]));
+    // 2 leaves alt, 1 joins it, 3 moves to web: every endpoint changes side.
+    let second = lb(&members(&[2, 3]), &members(&[1]));
+    p.apply(&mut tables, &desired_default(&second)).unwrap();
+    assert_eq!(
+        tables.member_vips,
+        HashMap::from([
+            (endpoint(1), alt_key),
+            (endpoint(2), web_key()),
+            (endpoint(3), web_key())
+        ])
+    );
+    assert_eq!(
+        flagged(&tables),
+        BTreeSet::from([addr(1), addr(2), addr(3)])
+    );
+    let writes = tables.writes;
+    let mut restored = Programmer::restore(&p.snapshot(), DEFAULT_DRAIN_TIMEOUT);
+    restored
+        .apply(&mut tables, &desired_default(&second))
+        .unwrap();
+    assert_eq!(
+        tables.writes, writes,
+        "a restored programmer rewrote tables"
+    );
+    // Back: the endpoint alt and web share again is unflagged and unmapped.
+    restored
+        .apply(&mut tables, &desired_default(&first))
+        .unwrap();
+    assert_eq!(
+        tables.member_vips,
+        HashMap::from([(endpoint(1), web_key()), (endpoint(3), alt_key)])
+    );
+    assert_eq!(flagged(&tables), BTreeSet::from([addr(1), addr(3)]));
 }
 
 /// The sources admitted for a listener id.
