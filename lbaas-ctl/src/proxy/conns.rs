@@ -230,6 +230,7 @@ async fn connect(key: &ConnKey) -> Result<SendRequest<ProxyBody>, ConnectError> 
         MaybeHttpsStream::Http(TokioIo::new(tcp))
     };
     let (sender, conn) = http1::Builder::new()
+        .writev(false)
         .handshake(io)
         .await
         .map_err(|source| ConnectError::Handshake { addr, source })?;

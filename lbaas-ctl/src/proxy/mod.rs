@@ -441,7 +441,11 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).keep_alive(true);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .writev(false);
     if let Some(limit) = plan.client_timeout {
         // Also what stops a slowloris: the whole header must arrive within the limit.
         builder.http1().header_read_timeout(limit);
