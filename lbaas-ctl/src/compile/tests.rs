@@ -959,6 +959,63 @@ fn member_endpoints_that_serve_one_listener_are_mapped_to_it() {
     assert_eq!(flagged(&tables), BTreeSet::from([addr(1), addr(3)]));
 }
 
+/// A member loses its flag when it leaves the configuration (so a draining member, which a
+/// restarted programmer knows without flags, is unflagged in the kernel too); back after a
+/// restart where its endpoint is shared it stays unflagged, and it is flagged again once its
+/// endpoint serves one listener.
+#[test]
+fn a_draining_member_is_unflagged_and_flagged_again_when_back_on_its_own() {
+    let two = |web: &str, alt: &str| {
+        config::load_str(&format!(
+            "loadbalancers:\n  - name: lb\n    vip_address: 10.9.0.1\n    listeners:\n      - {{name: web, protocol: TCP, protocol_port: 80, default_pool: w}}\n      - {{name: alt, protocol: TCP, protocol_port: 81, default_pool: a}}\n    pools:\n      - {{name: w, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: {web}}}\n      - {{name: a, protocol: TCP, lb_algorithm: ROUND_ROBIN, members: {alt}}}\n"
+        ), "t").unwrap()
+    };
+    let (m1, m2) = (
+        "{address: 10.9.1.1, protocol_port: 8080}",
+        "{address: 10.9.1.2, protocol_port: 8080}",
+    );
+    let mut tables = MemoryTables::default();
+    let mut p = Programmer::new();
+    p.apply(
+        &mut tables,
+        &desired_default(&two(&format!("[{m1}, {m2}]"), "[]")),
+    )
+    .unwrap();
+    let web_m1 = MemberRef {
+        loadbalancer: "lb".into(),
+        pool: "w".into(),
+        addr: ip(1).0,
+        port: 8080,
+    };
+    let id = p.member_id(&web_m1).unwrap();
+    assert_ne!(tables.members[&id].flags & MEMBER_F_SOLE_VIP, 0);
+    tables.active.insert(id, 1);
+    p.apply(
+        &mut tables,
+        &desired_default(&two(&format!("[{m2}]"), "[]")),
+    )
+    .unwrap();
+    assert_eq!(p.draining_members(), 1);
+    assert_eq!(tables.members[&id].flags & MEMBER_F_SOLE_VIP, 0);
+    let mut restored = Programmer::restore(&p.snapshot(), DEFAULT_DRAIN_TIMEOUT);
+    restored
+        .apply(
+            &mut tables,
+            &desired_default(&two(&format!("[{m1}, {m2}]"), &format!("[{m1}]"))),
+        )
+        .unwrap();
+    assert_eq!(restored.member_id(&web_m1), Some(id), "resumed with its id");
+    assert_eq!(tables.members[&id].flags & MEMBER_F_SOLE_VIP, 0);
+    assert_eq!(flagged(&tables), BTreeSet::from([ip(2).0]));
+    restored
+        .apply(
+            &mut tables,
+            &desired_default(&two(&format!("[{m1}, {m2}]"), "[]")),
+        )
+        .unwrap();
+    assert_ne!(tables.members[&id].flags & MEMBER_F_SOLE_VIP, 0);
+}
+
 /// The sources admitted for a listener id.
 fn sources_of(t: &MemoryTables, id: u32) -> Vec<String> {
     t.sources
