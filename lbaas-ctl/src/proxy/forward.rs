@@ -88,8 +88,11 @@ pub struct RequestPlan {
     pub counters: Arc<ListenerCounters>,
 }
 
+const HOP_BY_HOP_COUNT: usize = 8;
+
 /// Hop-by-hop headers (RFC 9110 7.6.1): they concern one connection, never forwarded.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// `Connection` comes first (`strip_hop_by_hop` reads its names when it is present).
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -271,24 +274,39 @@ where
 /// Removes hop-by-hop headers, and those the `Connection` header names, keeping the upgrade
 /// handshake's when `upgrade` is set.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // Most messages carry none: one pass over the names, no removal attempted.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        return;
-    }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        if !(upgrade && name == header::UPGRADE) {
-            headers.remove(name);
+    // One pass over the names. Most messages carry none, or (every nginx response) just
+    // `Connection: keep-alive`: removing only what is there, and reading the Connection
+    // header's names only when it names more than the usual tokens, keeps them cheap.
+    let mut present = [false; HOP_BY_HOP_COUNT];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
         }
     }
-    for name in &HOP_BY_HOP {
-        if !(upgrade && (name == header::CONNECTION || name == header::UPGRADE)) {
+    if present == [false; HOP_BY_HOP_COUNT] {
+        return;
+    }
+    let kept =
+        |name: &HeaderName| upgrade && (name == header::CONNECTION || name == header::UPGRADE);
+    // `Connection` is HOP_BY_HOP[0]; the names it lists go too.
+    if present[0] {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect();
+        for name in named {
+            if !(upgrade && name == header::UPGRADE) {
+                headers.remove(name);
+            }
+        }
+    }
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        if !kept(name) {
             headers.remove(name);
         }
     }
@@ -555,5 +573,13 @@ mod tests {
         up.insert("upgrade", HeaderValue::from_static("websocket"));
         strip_hop_by_hop(&mut up, true);
         assert_eq!(up.len(), 2);
+        // The usual tokens name no header; any case, any spacing.
+        let mut usual = HeaderMap::new();
+        usual.insert("connection", HeaderValue::from_static(" Keep-Alive ,close"));
+        usual.insert("content-length", HeaderValue::from_static("5"));
+        usual.insert("te", HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut usual, false);
+        let left: Vec<&str> = usual.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["content-length"]);
     }
 }
