@@ -1507,6 +1507,73 @@ fn interface_roles_confine_reverse_nat_to_the_member_side() {
     );
 }
 
+/// On a client-only interface a packet for no VIP address is passed on its IP header alone:
+/// whatever follows it (options, a fragment, a cut TCP header) is the host's business and is
+/// counted as not for a VIP. The same frames aimed at the VIP, or arriving on the member side
+/// (where replies are looked for), are still told apart by what is wrong with them.
+#[test]
+fn client_side_packets_for_no_vip_are_passed_on_their_ip_header() {
+    let ns = NetNs::enter();
+    let mut lb = Lb::new(TWO_MEMBERS);
+    lb.datapath
+        .set_roles(ns.lan, lbaas_common::IFACE_CLIENT)
+        .unwrap();
+    lb.datapath
+        .set_roles(ns.mem, lbaas_common::IFACE_MEMBER)
+        .unwrap();
+    let not_vip = Frame {
+        dst: Ipv4Addr::new(10, 1, 0, 1),
+        ..to_vip(40000)
+    }
+    .build();
+    let at_vip = to_vip(40000).build();
+    let flawed = |good: &[u8]| -> [(&str, Vec<u8>, &str); 3] {
+        let mut options = good.to_vec();
+        options[14] = 0x46;
+        let mut fragment = good.to_vec();
+        fragment[20] = 0x20;
+        [
+            ("IP options", options, "pass_ip_options"),
+            ("more-fragments bit", fragment, "pass_fragment"),
+            (
+                "short TCP header",
+                good[..14 + 20 + 12].to_vec(),
+                "pass_malformed",
+            ),
+        ]
+    };
+    let counted = |what: &str, frame: &[u8], ifindex: u32, stat: &str| {
+        let index = GLOBAL_STAT_NAMES.iter().position(|n| *n == stat).unwrap();
+        let before = lb.datapath.global_stats().unwrap();
+        assert_frame(what, lb.run(frame, ifindex), XDP_PASS, frame);
+        let after = lb.datapath.global_stats().unwrap();
+        assert_eq!(after[index], before[index] + 1, "{what}: counted as {stat}");
+    };
+    for (what, frame, stat) in flawed(&not_vip) {
+        counted(
+            &format!("{what}, no VIP, client side"),
+            &frame,
+            ns.lan,
+            "pass_not_vip",
+        );
+        counted(
+            &format!("{what}, no VIP, member side"),
+            &frame,
+            ns.mem,
+            stat,
+        );
+    }
+    for (what, frame, stat) in flawed(&at_vip) {
+        counted(
+            &format!("{what}, to the VIP, client side"),
+            &frame,
+            ns.lan,
+            stat,
+        );
+    }
+    assert_eq!(lb.stat("forwarded"), 0);
+}
+
 /// Two TCP listeners on one pool, each with its own `allowed_cidrs`.
 fn filtered_yaml(web_cidrs: &str, ssh_cidrs: &str) -> String {
     format!(

@@ -36,13 +36,16 @@ pub fn lbaas_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_lbaas_xdp(ctx: &XdpContext) -> Result<u32, ()> {
-    let pkt = match parse(ctx) {
+    // Members' replies arrive only on member-side interfaces: on a client-only interface a
+    // packet for no VIP is passed by the parser, without the reverse-NAT lookups.
+    let roles = maps::ingress_roles(ctx.ingress_ifindex() as u32);
+    let pkt = match parse(ctx, roles) {
         Parsed::Packet(pkt) => pkt,
         Parsed::Verdict(action) => return Ok(action),
     };
     // Every interface serves VIPs (a member may be another VIP's client). Most packets that
     // are for no VIP are told apart by the address filter alone.
-    if maps::may_be_vip(pkt.dst_addr) {
+    if pkt.may_be_vip {
         let flow = pkt.flow_key();
         let now = maps::now_ns();
         if let Some(action) = forward::established(ctx, &pkt, &flow, now)? {
@@ -59,9 +62,6 @@ fn try_lbaas_xdp(ctx: &XdpContext) -> Result<u32, ()> {
             return forward::to_member(ctx, &pkt, &flow, info, now);
         }
     }
-    // Members' replies arrive only on member-side interfaces: on a client-only interface a
-    // packet for no VIP is passed without the two reverse-NAT lookups.
-    let roles = maps::ingress_roles(ctx.ingress_ifindex() as u32);
     if roles & IFACE_MEMBER != 0
         && let Some(action) = reply::to_client(ctx, &pkt)?
     {

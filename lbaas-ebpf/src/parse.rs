@@ -4,11 +4,11 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lbaas_common::{
-    FlowKey, IPPROTO_TCP, IPPROTO_UDP, STAT_PASS_FRAGMENT, STAT_PASS_IP_OPTIONS,
+    FlowKey, IFACE_MEMBER, IPPROTO_TCP, IPPROTO_UDP, STAT_PASS_FRAGMENT, STAT_PASS_IP_OPTIONS,
     STAT_PASS_MALFORMED, STAT_PASS_NOT_VIP,
 };
 
-use crate::maps::count;
+use crate::maps::{self, count};
 
 /// Length of an Ethernet header without VLAN tag.
 pub const ETH_HLEN: usize = 14;
@@ -89,6 +89,8 @@ pub struct Packet {
     pub src_port: u16,
     /// Destination port (network order).
     pub dst_port: u16,
+    /// The destination address passed the VIP address filter (it may be a VIP's).
+    pub may_be_vip: bool,
 }
 
 impl Packet {
@@ -173,8 +175,10 @@ fn pass(stat: u32) -> Parsed {
 }
 
 /// Parses Ethernet (at most one VLAN tag), IPv4 without options, and the TCP/UDP ports.
+/// `roles` are the ingress interface's (`IFACE_*`): where no member replies arrive, a packet
+/// for no VIP address is passed on its IP header alone.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Parsed {
+pub fn parse(ctx: &XdpContext, roles: u32) -> Parsed {
     let Ok(eth) = read::<[u8; ETH_HLEN]>(ctx, 0) else {
         return pass(STAT_PASS_MALFORMED);
     };
@@ -192,7 +196,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
     }
     let dst_mac = [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]];
     let src_mac = [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]];
-    parse_ipv4(ctx, l3_off, vlan, dst_mac, src_mac)
+    parse_ipv4(ctx, l3_off, vlan, dst_mac, src_mac, roles)
 }
 
 #[inline(always)]
@@ -202,6 +206,7 @@ fn parse_ipv4(
     vlan: bool,
     dst_mac: [u8; 6],
     src_mac: [u8; 6],
+    roles: u32,
 ) -> Parsed {
     let Ok(header) = read::<[u8; IPV4_HLEN]>(ctx, l3_off) else {
         return pass(STAT_PASS_MALFORMED);
@@ -210,6 +215,18 @@ fn parse_ipv4(
     let ihl = header[0] & 0x0f;
     if version != 4 || ihl < 5 {
         return pass(STAT_PASS_MALFORMED);
+    }
+    let dst_addr = u32::from_ne_bytes([
+        header[ip::DADDR],
+        header[ip::DADDR + 1],
+        header[ip::DADDR + 2],
+        header[ip::DADDR + 3],
+    ]);
+    // Most traffic through a node is for no VIP: on a client-side interface it needs no
+    // more parsing (its options, fragments and ports concern nobody here).
+    let may_be_vip = maps::may_be_vip(dst_addr);
+    if !may_be_vip && roles & IFACE_MEMBER == 0 {
+        return pass(STAT_PASS_NOT_VIP);
     }
     if ihl > 5 {
         return pass(STAT_PASS_IP_OPTIONS);
@@ -260,13 +277,9 @@ fn parse_ipv4(
             header[ip::SADDR + 2],
             header[ip::SADDR + 3],
         ]),
-        dst_addr: u32::from_ne_bytes([
-            header[ip::DADDR],
-            header[ip::DADDR + 1],
-            header[ip::DADDR + 2],
-            header[ip::DADDR + 3],
-        ]),
+        dst_addr,
         src_port: u16::from_ne_bytes([ports[0], ports[1]]),
         dst_port: u16::from_ne_bytes([ports[2], ports[3]]),
+        may_be_vip,
     })
 }
