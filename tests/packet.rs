@@ -1630,3 +1630,22 @@ fn allowed_cidrs_drop_new_flows_from_other_sources_per_listener() {
     assert_eq!(forwarded_to(&lb, &syn(CLIENT, 41005, 22), ns.lan), M1);
     assert_eq!(lb.stat("drop_source"), 3);
 }
+
+/// The verifier must prove the whole program within its budget of 1,000,000 processed
+/// instructions, and the least-connections scan makes that work grow with every branch added
+/// before it. Half the budget is kept free, so a change that brings the program near the
+/// kernel's limit fails here, with its figure, rather than as a load failure later.
+#[test]
+fn the_program_verifies_with_half_the_verifier_budget_to_spare() {
+    let _ns = NetNs::enter();
+    let lb = Lb::new(TWO_MEMBERS);
+    let info = lb.datapath.program().unwrap().info().unwrap();
+    let verified = info
+        .verified_instruction_count()
+        .expect("the kernel reports verified instructions");
+    eprintln!("verified instructions: {verified}");
+    assert!(
+        verified < 500_000,
+        "the verifier processed {verified} instructions to load the program (limit 1,000,000)"
+    );
+}

@@ -347,9 +347,9 @@ impl Datapath {
             .program_mut(PROGRAM_NAME)
             .ok_or(ProgramError::NotLoaded)?
             .try_into()?;
-        // The verifier gives up with EAGAIN when a signal arrives during a long verification
-        // (this program's least-connections loop takes a few hundred ms); it asks to be
-        // tried again, so it is.
+        // The verifier gives up with EAGAIN when a signal arrives during a verification (tens
+        // of ms for this program, a few hundred before its least-connections scan went
+        // through bpf_loop); it asks to be tried again, so it is.
         let mut attempts = 0;
         loop {
             match program.load() {

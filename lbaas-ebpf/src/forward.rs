@@ -2,7 +2,9 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg};
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, cty::c_void, helpers::generated::bpf_loop, programs::XdpContext,
+};
 use lbaas_common::{
     ALGO_LEAST_CONNECTIONS, ALGO_MAGLEV_5TUPLE, ALGO_MAGLEV_SOURCE, FLOW_CLOSED, FlowKey,
     FlowState, HalfOpen, IPPROTO_TCP, MAX_LEAST_CONN_MEMBERS, MEMBER_F_SOLE_VIP, MemberInfo,
@@ -290,41 +292,74 @@ fn next_turn(listener_id: u32) -> Option<u64> {
     Some(unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(counter, 1) })
 }
 
+/// The least-connections scan's running state, which [`least_connections_visit`] reads
+/// and updates once per candidate.
+#[repr(C)]
+struct LeastConnScan {
+    ring_base: u32,
+    len: u32,
+    start: u32,
+    best: u32,
+    best_active: u64,
+    best_weight: u64,
+}
+
 /// The candidate with the fewest active flows per weight; the scan starts at the next
-/// round-robin turn, so ties rotate.
+/// round-robin turn, so ties rotate. The scan runs through `bpf_loop`, so the verifier proves
+/// its body once instead of once per candidate on every path that reaches it (up to
+/// `MAX_LEAST_CONN_MEMBERS` times the rest of the program's branches).
 #[inline(always)]
 fn least_connections(vip: &VipInfo) -> Option<u32> {
     let len = vip.ring_len;
     let start = next_turn(vip.listener_id)?.checked_rem(u64::from(len))? as u32;
-    let mut best = u32::MAX;
-    let (mut best_active, mut best_weight) = (0u64, 1u64);
-    for i in 0..MAX_LEAST_CONN_MEMBERS {
-        if i >= len {
-            break;
-        }
-        let mut index = start + i;
-        if index >= len {
-            index -= len;
-        }
-        let Some(id) = LB_RING.get(vip.ring_base + index).copied() else {
-            continue;
-        };
-        let Some(member) = LB_MEMBERS.get(id) else {
-            continue;
-        };
-        if member.addr == 0 || member.weight == 0 {
-            continue;
-        }
-        let active = maps::active_flows(id);
-        let weight = u64::from(member.weight);
-        // active / weight < best_active / best_weight, without division.
-        if best == u32::MAX || active * best_weight < best_active * weight {
-            best = id;
-            best_active = active;
-            best_weight = weight;
-        }
+    let mut scan = LeastConnScan {
+        ring_base: vip.ring_base,
+        len,
+        start,
+        best: u32::MAX,
+        best_active: 0,
+        best_weight: 1,
+    };
+    // SAFETY: the callback is a static function of this program and the context a live
+    // stack value it alone reads and writes, for the duration of the call.
+    unsafe {
+        bpf_loop(
+            len.min(MAX_LEAST_CONN_MEMBERS),
+            least_connections_visit as *const () as *mut c_void,
+            (&raw mut scan).cast(),
+            0,
+        )
+    };
+    (scan.best != u32::MAX).then_some(scan.best)
+}
+
+/// One candidate of the least-connections scan (`bpf_loop` callback: 0 goes on).
+#[inline(never)]
+extern "C" fn least_connections_visit(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the context `least_connections` passed: its LeastConnScan.
+    let scan = unsafe { &mut *ctx.cast::<LeastConnScan>() };
+    let mut index = scan.start.wrapping_add(i as u32);
+    if index >= scan.len {
+        index = index.wrapping_sub(scan.len);
     }
-    (best != u32::MAX).then_some(best)
+    let Some(id) = LB_RING.get(scan.ring_base.wrapping_add(index)).copied() else {
+        return 0;
+    };
+    let Some(member) = LB_MEMBERS.get(id) else {
+        return 0;
+    };
+    if member.addr == 0 || member.weight == 0 {
+        return 0;
+    }
+    let active = maps::active_flows(id);
+    let weight = u64::from(member.weight);
+    // active / weight < best_active / best_weight, without division.
+    if scan.best == u32::MAX || active * scan.best_weight < scan.best_active * weight {
+        scan.best = id;
+        scan.best_active = active;
+        scan.best_weight = weight;
+    }
+    0
 }
 
 /// Picks a member for a new flow and records the flow both ways.
