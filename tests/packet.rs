@@ -111,6 +111,17 @@ impl Lb {
         (result.return_value, out)
     }
 
+    /// Marks the namespace's client arm client-only and its member arm member-only, as the
+    /// daemon does in two-arm mode.
+    fn set_two_arm_roles(&mut self, ns: &NetNs) {
+        self.datapath
+            .set_roles(ns.lan, lbaas_common::IFACE_CLIENT)
+            .unwrap();
+        self.datapath
+            .set_roles(ns.mem, lbaas_common::IFACE_MEMBER)
+            .unwrap();
+    }
+
     fn stat(&self, name: &str) -> u64 {
         let index = GLOBAL_STAT_NAMES
             .iter()
@@ -1481,12 +1492,7 @@ fn counters_move_by_exactly_what_the_frames_imply() {
 fn interface_roles_confine_reverse_nat_to_the_member_side() {
     let ns = NetNs::enter();
     let mut lb = Lb::new(TWO_MEMBERS);
-    lb.datapath
-        .set_roles(ns.lan, lbaas_common::IFACE_CLIENT)
-        .unwrap();
-    lb.datapath
-        .set_roles(ns.mem, lbaas_common::IFACE_MEMBER)
-        .unwrap();
+    lb.set_two_arm_roles(&ns);
     establish(&lb, 40000, ns.lan);
     let reply = Frame {
         tcp_flags: 0x18,
@@ -1515,12 +1521,7 @@ fn interface_roles_confine_reverse_nat_to_the_member_side() {
 fn client_side_packets_for_no_vip_are_passed_on_their_ip_header() {
     let ns = NetNs::enter();
     let mut lb = Lb::new(TWO_MEMBERS);
-    lb.datapath
-        .set_roles(ns.lan, lbaas_common::IFACE_CLIENT)
-        .unwrap();
-    lb.datapath
-        .set_roles(ns.mem, lbaas_common::IFACE_MEMBER)
-        .unwrap();
+    lb.set_two_arm_roles(&ns);
     let not_vip = Frame {
         dst: Ipv4Addr::new(10, 1, 0, 1),
         ..to_vip(40000)

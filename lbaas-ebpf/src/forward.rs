@@ -17,7 +17,7 @@ use crate::{
     maps::{
         self, Direction, LB_CT, LB_CT_REV, LB_CT_SYN, LB_CT_SYN_REV, LB_MEMBERS, LB_RING, LB_RR,
     },
-    parse::Packet,
+    parse::{self, Packet},
     refuse,
 };
 
@@ -203,7 +203,7 @@ fn half_open_member(
         return None;
     }
     let reply = reply_key(&member, pkt);
-    let nat = reverse_nat(ctx, pkt, vip, state.member_id);
+    let nat = reverse_nat(ctx, pkt, vip, state.member_id)?;
     if pkt.is_syn() {
         // A retransmitted SYN: the member's SYN-ACK may not have found its way back (an apply
         // took the member's endpoint out of LB_MVIP meanwhile), so the next one finds the
@@ -246,17 +246,23 @@ fn reply_key(member: &MemberInfo, pkt: &Packet) -> FlowKey {
 /// How a member's replies are made to come from the VIP, and the client's L2 address as a
 /// fallback next hop.
 #[inline(always)]
-fn reverse_nat(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo, member_id: u32) -> ReverseNat {
-    ReverseNat {
+fn reverse_nat(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    vip: &VipInfo,
+    member_id: u32,
+) -> Option<ReverseNat> {
+    let (local_mac, client_mac) = parse::macs(ctx).ok()?;
+    Some(ReverseNat {
         vip_addr: pkt.dst_addr,
         vip_port: pkt.dst_port,
         _pad: 0,
         listener_id: vip.listener_id,
         client_ifindex: ctx.ingress_ifindex() as u32,
-        client_mac: pkt.src_mac,
-        local_mac: pkt.dst_mac,
+        client_mac,
+        local_mac,
         member_id,
-    }
+    })
 }
 
 /// Picks a member id for a new flow by the listener's algorithm.
@@ -396,24 +402,25 @@ fn new_flow_member(
             LB_CT_SYN_REV
                 .insert(
                     reply_key(&member, pkt),
-                    reverse_nat(ctx, pkt, vip, member_id),
+                    reverse_nat(ctx, pkt, vip, member_id)?,
                     0,
                 )
                 .ok()?;
         }
+        let (local_mac, client_mac) = parse::macs(ctx).ok()?;
         let half_open = HalfOpen {
             flow: state,
             client_ifindex: ctx.ingress_ifindex() as u32,
             has_reverse: u32::from(has_reverse),
-            client_mac: pkt.src_mac,
-            local_mac: pkt.dst_mac,
+            client_mac,
+            local_mac,
             _pad: [0; 4],
         };
         LB_CT_SYN.insert(flow, half_open, 0).ok()?;
         return Some((member_id, member));
     }
     let reply = reply_key(&member, pkt);
-    let nat = reverse_nat(ctx, pkt, vip, member_id);
+    let nat = reverse_nat(ctx, pkt, vip, member_id)?;
     LB_CT_REV.insert(reply, nat, 0).ok()?;
     LB_CT.insert(flow, state, 0).ok()?;
     maps::count_flow(member_id, true);

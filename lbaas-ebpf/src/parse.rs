@@ -77,10 +77,6 @@ pub struct Packet {
     pub tot_len: u16,
     /// TCP flags (`TCP_*`); 0 for UDP.
     pub tcp_flags: u8,
-    /// Destination MAC (this node's, for traffic to it).
-    pub dst_mac: [u8; 6],
-    /// Source MAC (the previous hop's).
-    pub src_mac: [u8; 6],
     /// Source address (network order).
     pub src_addr: u32,
     /// Destination address (network order).
@@ -174,15 +170,49 @@ fn pass(stat: u32) -> Parsed {
     Parsed::Verdict(xdp_action::XDP_PASS)
 }
 
+/// `N` bytes of the frame whose bounds were checked once: the fields inside are read with no
+/// further check, at offsets the compiler checks against `N`.
+#[derive(Clone, Copy)]
+pub struct Header<const N: usize> {
+    ptr: *const u8,
+}
+
+impl<const N: usize> Header<N> {
+    /// The `N` bytes at `offset`, or `Err` when they would run past the frame.
+    #[inline(always)]
+    pub fn at(ctx: &XdpContext, offset: usize) -> Result<Self, ()> {
+        Ok(Self {
+            ptr: ptr_at::<[u8; N]>(ctx, offset)?.cast(),
+        })
+    }
+
+    /// The `T` at `OFF` inside the header, as it lies in the frame (network order).
+    #[inline(always)]
+    pub fn get<T: Copy, const OFF: usize>(&self) -> T {
+        const { assert!(OFF + core::mem::size_of::<T>() <= N) };
+        // SAFETY: `at` checked that the N bytes from `ptr` lie inside the frame, and the
+        // assertion above that the field lies inside those N bytes.
+        unsafe { core::ptr::read_unaligned(self.ptr.add(OFF).cast::<T>()) }
+    }
+}
+
+/// The frame's destination and source MAC addresses (they come before any VLAN tag). Read
+/// only by the paths that record them, so that the others do not carry them along.
+#[inline(always)]
+pub fn macs(ctx: &XdpContext) -> Result<([u8; 6], [u8; 6]), ()> {
+    let eth = Header::<ETH_HLEN>::at(ctx, 0)?;
+    Ok((eth.get::<[u8; 6], 0>(), eth.get::<[u8; 6], 6>()))
+}
+
 /// Parses Ethernet (at most one VLAN tag), IPv4 without options, and the TCP/UDP ports.
 /// `roles` are the ingress interface's (`IFACE_*`): where no member replies arrive, a packet
 /// for no VIP address is passed on its IP header alone.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext, roles: u32) -> Parsed {
-    let Ok(eth) = read::<[u8; ETH_HLEN]>(ctx, 0) else {
+    let Ok(eth) = Header::<ETH_HLEN>::at(ctx, 0) else {
         return pass(STAT_PASS_MALFORMED);
     };
-    let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+    let ethertype = u16::from_be(eth.get::<u16, 12>());
     let (l3_off, vlan, ethertype) = if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         match read::<u16>(ctx, ETH_HLEN + 2).map(u16::from_be) {
             Ok(inner) => (ETH_HLEN + VLAN_HLEN, true, inner),
@@ -194,50 +224,35 @@ pub fn parse(ctx: &XdpContext, roles: u32) -> Parsed {
     if ethertype != ETH_P_IP {
         return pass(STAT_PASS_NOT_VIP);
     }
-    let dst_mac = [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]];
-    let src_mac = [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]];
-    parse_ipv4(ctx, l3_off, vlan, dst_mac, src_mac, roles)
+    parse_ipv4(ctx, l3_off, vlan, roles)
 }
 
 #[inline(always)]
-fn parse_ipv4(
-    ctx: &XdpContext,
-    l3_off: usize,
-    vlan: bool,
-    dst_mac: [u8; 6],
-    src_mac: [u8; 6],
-    roles: u32,
-) -> Parsed {
-    let Ok(header) = read::<[u8; IPV4_HLEN]>(ctx, l3_off) else {
+fn parse_ipv4(ctx: &XdpContext, l3_off: usize, vlan: bool, roles: u32) -> Parsed {
+    let Ok(header) = Header::<IPV4_HLEN>::at(ctx, l3_off) else {
         return pass(STAT_PASS_MALFORMED);
     };
-    let version = header[0] >> 4;
-    let ihl = header[0] & 0x0f;
-    if version != 4 || ihl < 5 {
+    let version_ihl = header.get::<u8, 0>();
+    if version_ihl >> 4 != 4 || version_ihl & 0x0f < 5 {
         return pass(STAT_PASS_MALFORMED);
     }
-    let dst_addr = u32::from_ne_bytes([
-        header[ip::DADDR],
-        header[ip::DADDR + 1],
-        header[ip::DADDR + 2],
-        header[ip::DADDR + 3],
-    ]);
+    let dst_addr = header.get::<u32, { ip::DADDR }>();
     // Most traffic through a node is for no VIP: on a client-side interface it needs no
     // more parsing (its options, fragments and ports concern nobody here).
     let may_be_vip = maps::may_be_vip(dst_addr);
     if !may_be_vip && roles & IFACE_MEMBER == 0 {
         return pass(STAT_PASS_NOT_VIP);
     }
-    if ihl > 5 {
+    if version_ihl & 0x0f > 5 {
         return pass(STAT_PASS_IP_OPTIONS);
     }
-    let frag = u16::from_be_bytes([header[ip::FRAG_OFF], header[ip::FRAG_OFF + 1]]);
+    let frag = u16::from_be(header.get::<u16, { ip::FRAG_OFF }>());
     // More-fragments bit or a non-zero offset: ports are not in every fragment.
     if frag & 0x3fff != 0 {
         return pass(STAT_PASS_FRAGMENT);
     }
-    let tot_len = u16::from_be_bytes([header[ip::TOT_LEN], header[ip::TOT_LEN + 1]]);
-    let proto = header[ip::PROTOCOL];
+    let tot_len = u16::from_be(header.get::<u16, { ip::TOT_LEN }>());
+    let proto = header.get::<u8, { ip::PROTOCOL }>();
     let l4_min = match proto {
         IPPROTO_TCP => TCP_HLEN,
         IPPROTO_UDP => UDP_HLEN,
@@ -250,15 +265,16 @@ fn parse_ipv4(
     }
     let l4_off = l3_off + IPV4_HLEN;
     let (ports, tcp_flags) = if proto == IPPROTO_TCP {
-        match read::<[u8; TCP_HLEN]>(ctx, l4_off) {
-            Ok(tcp) if tcp[l4::TCP_DOFF] >> 4 >= 5 => {
-                ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[l4::TCP_FLAGS])
-            }
+        match Header::<TCP_HLEN>::at(ctx, l4_off) {
+            Ok(tcp) if tcp.get::<u8, { l4::TCP_DOFF }>() >> 4 >= 5 => (
+                tcp.get::<[u16; 2], { l4::SPORT }>(),
+                tcp.get::<u8, { l4::TCP_FLAGS }>(),
+            ),
             _ => return pass(STAT_PASS_MALFORMED),
         }
     } else {
-        match read::<[u8; UDP_HLEN]>(ctx, l4_off) {
-            Ok(udp) => ([udp[0], udp[1], udp[2], udp[3]], 0),
+        match Header::<UDP_HLEN>::at(ctx, l4_off) {
+            Ok(udp) => (udp.get::<[u16; 2], { l4::SPORT }>(), 0),
             Err(()) => return pass(STAT_PASS_MALFORMED),
         }
     };
@@ -269,17 +285,10 @@ fn parse_ipv4(
         proto,
         tot_len,
         tcp_flags,
-        dst_mac,
-        src_mac,
-        src_addr: u32::from_ne_bytes([
-            header[ip::SADDR],
-            header[ip::SADDR + 1],
-            header[ip::SADDR + 2],
-            header[ip::SADDR + 3],
-        ]),
+        src_addr: header.get::<u32, { ip::SADDR }>(),
         dst_addr,
-        src_port: u16::from_ne_bytes([ports[0], ports[1]]),
-        dst_port: u16::from_ne_bytes([ports[2], ports[3]]),
+        src_port: ports[0],
+        dst_port: ports[1],
         may_be_vip,
     })
 }
