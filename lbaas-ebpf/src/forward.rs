@@ -203,7 +203,7 @@ fn half_open_member(
         return None;
     }
     let reply = reply_key(&member, pkt);
-    let nat = reverse_nat(ctx, pkt, vip, state.member_id)?;
+    let nat = reverse_nat(ctx, pkt, vip, state.member_id, parse::macs(ctx).ok()?);
     if pkt.is_syn() {
         // A retransmitted SYN: the member's SYN-ACK may not have found its way back (an apply
         // took the member's endpoint out of LB_MVIP meanwhile), so the next one finds the
@@ -251,9 +251,9 @@ fn reverse_nat(
     pkt: &Packet,
     vip: &VipInfo,
     member_id: u32,
-) -> Option<ReverseNat> {
-    let (local_mac, client_mac) = parse::macs(ctx).ok()?;
-    Some(ReverseNat {
+    (local_mac, client_mac): ([u8; 6], [u8; 6]),
+) -> ReverseNat {
+    ReverseNat {
         vip_addr: pkt.dst_addr,
         vip_port: pkt.dst_port,
         _pad: 0,
@@ -262,7 +262,7 @@ fn reverse_nat(
         client_mac,
         local_mac,
         member_id,
-    })
+    }
 }
 
 /// Picks a member id for a new flow by the listener's algorithm.
@@ -392,6 +392,8 @@ fn new_flow_member(
         state: 0,
         last_seen_ns: now,
     };
+    // Every new flow records the client's L2 addresses (a reply's fallback next hop).
+    let macs = parse::macs(ctx).ok()?;
     if pkt.proto == IPPROTO_TCP {
         // Half-open until the client's next packet: a SYN flood churns only these tables.
         // A member whose endpoint serves only this listener needs no reverse entry: its
@@ -402,12 +404,12 @@ fn new_flow_member(
             LB_CT_SYN_REV
                 .insert(
                     reply_key(&member, pkt),
-                    reverse_nat(ctx, pkt, vip, member_id)?,
+                    reverse_nat(ctx, pkt, vip, member_id, macs),
                     0,
                 )
                 .ok()?;
         }
-        let (local_mac, client_mac) = parse::macs(ctx).ok()?;
+        let (local_mac, client_mac) = macs;
         let half_open = HalfOpen {
             flow: state,
             client_ifindex: ctx.ingress_ifindex() as u32,
@@ -420,7 +422,7 @@ fn new_flow_member(
         return Some((member_id, member));
     }
     let reply = reply_key(&member, pkt);
-    let nat = reverse_nat(ctx, pkt, vip, member_id)?;
+    let nat = reverse_nat(ctx, pkt, vip, member_id, macs);
     LB_CT_REV.insert(reply, nat, 0).ok()?;
     LB_CT.insert(flow, state, 0).ok()?;
     maps::count_flow(member_id, true);
