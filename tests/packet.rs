@@ -1513,9 +1513,9 @@ fn interface_roles_confine_reverse_nat_to_the_member_side() {
     );
 }
 
-/// On a client-only interface a packet for no VIP address is passed on its IP header alone:
-/// whatever follows it (options, a fragment, a cut TCP header) is the host's business and is
-/// counted as not for a VIP. The same frames aimed at the VIP, or arriving on the member side
+/// On a client-only interface a packet for no VIP address is passed on its destination
+/// address alone: the rest (its IP version, options, a fragment, a cut TCP header) is the
+/// host's business, and it is counted as not for a VIP. The same frames aimed at the VIP, or arriving on the member side
 /// (where replies are looked for), are still told apart by what is wrong with them.
 #[test]
 fn client_side_packets_for_no_vip_are_passed_on_their_ip_header() {
@@ -1528,12 +1528,15 @@ fn client_side_packets_for_no_vip_are_passed_on_their_ip_header() {
     }
     .build();
     let at_vip = to_vip(40000).build();
-    let flawed = |good: &[u8]| -> [(&str, Vec<u8>, &str); 3] {
+    let flawed = |good: &[u8]| -> [(&str, Vec<u8>, &str); 4] {
+        let mut version = good.to_vec();
+        version[14] = 0x65;
         let mut options = good.to_vec();
         options[14] = 0x46;
         let mut fragment = good.to_vec();
         fragment[20] = 0x20;
         [
+            ("IP version 6", version, "pass_malformed"),
             ("IP options", options, "pass_ip_options"),
             ("more-fragments bit", fragment, "pass_fragment"),
             (

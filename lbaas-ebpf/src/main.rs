@@ -21,7 +21,7 @@ mod refuse;
 mod reply;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lbaas_common::{IFACE_MEMBER, STAT_PASS_NOT_VIP, VipKey};
+use lbaas_common::{STAT_PASS_NOT_VIP, VipKey};
 
 use crate::parse::{Parsed, parse};
 
@@ -36,10 +36,7 @@ pub fn lbaas_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_lbaas_xdp(ctx: &XdpContext) -> Result<u32, ()> {
-    // Members' replies arrive only on member-side interfaces: on a client-only interface a
-    // packet for no VIP is passed by the parser, without the reverse-NAT lookups.
-    let roles = maps::ingress_roles(ctx.ingress_ifindex() as u32);
-    let pkt = match parse(ctx, roles) {
+    let pkt = match parse(ctx) {
         Parsed::Packet(pkt) => pkt,
         Parsed::Verdict(action) => return Ok(action),
     };
@@ -62,7 +59,9 @@ fn try_lbaas_xdp(ctx: &XdpContext) -> Result<u32, ()> {
             return forward::to_member(ctx, &pkt, &flow, info, now);
         }
     }
-    if roles & IFACE_MEMBER != 0
+    // Members' replies arrive only on member-side interfaces (the parser has passed a packet
+    // for no VIP address that came in by a client-only one).
+    if (!pkt.may_be_vip || maps::member_side(ctx))
         && let Some(action) = reply::to_client(ctx, &pkt)?
     {
         return Ok(action);

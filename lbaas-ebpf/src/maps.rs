@@ -3,6 +3,7 @@
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::XdpContext,
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
@@ -102,13 +103,13 @@ pub static LB_EXPIRED: Array<u64> = Array::with_max_entries(CONN_COUNTER_SLOTS, 
 #[map(name = "LB_IFACES")]
 pub static LB_IFACES: Array<u32> = Array::with_max_entries(MAX_IFACES, 0);
 
-/// The roles of the interface a packet came in by.
+/// Whether members' replies may arrive by the interface a packet came in by (its roles in
+/// `LB_IFACES`; none set means every role).
 #[inline(always)]
-pub fn ingress_roles(ifindex: u32) -> u32 {
-    match LB_IFACES.get(ifindex).copied() {
-        Some(roles) if roles != 0 => roles,
-        _ => lbaas_common::IFACE_CLIENT | lbaas_common::IFACE_MEMBER,
-    }
+pub fn member_side(ctx: &XdpContext) -> bool {
+    LB_IFACES
+        .get(ctx.ingress_ifindex() as u32)
+        .is_none_or(|roles| *roles == 0 || *roles & lbaas_common::IFACE_MEMBER != 0)
 }
 
 /// Per-CPU counters per member (refused stays zero).

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lbaas_common::{
-    FlowKey, IFACE_MEMBER, IPPROTO_TCP, IPPROTO_UDP, STAT_PASS_FRAGMENT, STAT_PASS_IP_OPTIONS,
+    FlowKey, IPPROTO_TCP, IPPROTO_UDP, STAT_PASS_FRAGMENT, STAT_PASS_IP_OPTIONS,
     STAT_PASS_MALFORMED, STAT_PASS_NOT_VIP,
 };
 
@@ -85,7 +85,8 @@ pub struct Packet {
     pub src_port: u16,
     /// Destination port (network order).
     pub dst_port: u16,
-    /// The destination address passed the VIP address filter (it may be a VIP's).
+    /// The destination address passed the VIP address filter (it may be a VIP's). When it
+    /// did not, the packet came in by an interface where members' replies arrive.
     pub may_be_vip: bool,
 }
 
@@ -205,43 +206,44 @@ pub fn macs(ctx: &XdpContext) -> Result<([u8; 6], [u8; 6]), ()> {
 }
 
 /// Parses Ethernet (at most one VLAN tag), IPv4 without options, and the TCP/UDP ports.
-/// `roles` are the ingress interface's (`IFACE_*`): where no member replies arrive, a packet
-/// for no VIP address is passed on its IP header alone.
+/// Where no member replies arrive (the ingress interface's roles, `IFACE_*`, read only for a
+/// packet that fails the VIP address filter), a packet for no VIP address is passed on its
+/// IP header alone.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext, roles: u32) -> Parsed {
+pub fn parse(ctx: &XdpContext) -> Parsed {
     let Ok(eth) = Header::<ETH_HLEN>::at(ctx, 0) else {
         return pass(STAT_PASS_MALFORMED);
     };
-    let ethertype = u16::from_be(eth.get::<u16, 12>());
-    let (l3_off, vlan, ethertype) = if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        match read::<u16>(ctx, ETH_HLEN + 2).map(u16::from_be) {
-            Ok(inner) => (ETH_HLEN + VLAN_HLEN, true, inner),
-            Err(()) => return pass(STAT_PASS_MALFORMED),
-        }
-    } else {
-        (ETH_HLEN, false, ethertype)
-    };
-    if ethertype != ETH_P_IP {
+    // Compared as it lies in the frame: untagged IPv4 is tested first, with no byte swap.
+    let ethertype = eth.get::<u16, 12>();
+    if ethertype == ETH_P_IP.to_be() {
+        return parse_ipv4(ctx, ETH_HLEN, false);
+    }
+    if ethertype != ETH_P_8021Q.to_be() && ethertype != ETH_P_8021AD.to_be() {
         return pass(STAT_PASS_NOT_VIP);
     }
-    parse_ipv4(ctx, l3_off, vlan, roles)
+    match read::<u16>(ctx, ETH_HLEN + 2) {
+        Ok(inner) if inner == ETH_P_IP.to_be() => parse_ipv4(ctx, ETH_HLEN + VLAN_HLEN, true),
+        Ok(_) => pass(STAT_PASS_NOT_VIP),
+        Err(()) => pass(STAT_PASS_MALFORMED),
+    }
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, l3_off: usize, vlan: bool, roles: u32) -> Parsed {
+fn parse_ipv4(ctx: &XdpContext, l3_off: usize, vlan: bool) -> Parsed {
     let Ok(header) = Header::<IPV4_HLEN>::at(ctx, l3_off) else {
         return pass(STAT_PASS_MALFORMED);
     };
+    let dst_addr = header.get::<u32, { ip::DADDR }>();
+    // Most traffic through a node is for no VIP: on a client-side interface it needs no
+    // more parsing (its version, options, fragments and ports concern nobody here).
+    let may_be_vip = maps::may_be_vip(dst_addr);
+    if !may_be_vip && !maps::member_side(ctx) {
+        return pass(STAT_PASS_NOT_VIP);
+    }
     let version_ihl = header.get::<u8, 0>();
     if version_ihl >> 4 != 4 || version_ihl & 0x0f < 5 {
         return pass(STAT_PASS_MALFORMED);
-    }
-    let dst_addr = header.get::<u32, { ip::DADDR }>();
-    // Most traffic through a node is for no VIP: on a client-side interface it needs no
-    // more parsing (its options, fragments and ports concern nobody here).
-    let may_be_vip = maps::may_be_vip(dst_addr);
-    if !may_be_vip && roles & IFACE_MEMBER == 0 {
-        return pass(STAT_PASS_NOT_VIP);
     }
     if version_ihl & 0x0f > 5 {
         return pass(STAT_PASS_IP_OPTIONS);
