@@ -90,6 +90,11 @@ impl Lb {
 
     /// Runs one frame arriving on `ifindex`; returns the action and the output frame.
     fn run(&self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+        self.run_repeat(frame, ifindex, 1)
+    }
+
+    /// `repeat` runs on one buffer (each after the first sees the previous one's output).
+    fn run_repeat(&self, frame: &[u8], ifindex: u32, repeat: u32) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; frame.len() + 256];
         // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
         let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0]
@@ -104,6 +109,7 @@ impl Lb {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
                 ctx_in: Some(&ctx),
+                repeat,
                 ..Default::default()
             })
             .expect("BPF_PROG_TEST_RUN");
@@ -1652,4 +1658,71 @@ fn the_program_verifies_with_half_the_verifier_budget_to_spare() {
         verified < 500_000,
         "the verifier processed {verified} instructions to load the program (limit 1,000,000)"
     );
+}
+
+/// One call of the benchmark wrapper (`repeat` runs): the action and frame of the last run.
+fn run_wrapped(
+    lb: &mut Lb,
+    ifindex: u32,
+    frame: &[u8],
+    (fresh, noop): (bool, bool),
+    repeat: u32,
+) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect();
+    let result = lb
+        .datapath
+        .bench_wrapper(frame, fresh, noop)
+        .expect("benchmark wrapper")
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// The benchmark's in-kernel loop measures the real path on every run: the wrapper writes
+/// the frame back before each run (without it, the second run would see the first's DNATed
+/// output), and with fresh sources every run is a new flow.
+#[test]
+fn the_benchmark_wrapper_runs_every_iteration_on_the_original_frame() {
+    let ns = NetNs::enter();
+    let mut lb = Lb::new(TWO_MEMBERS);
+    let syn = to_vip(40000);
+    lb.run(&syn.build(), ns.lan);
+    let mut ack = to_vip(40000);
+    ack.tcp_flags = 0x10;
+    let single = lb.run(&ack.build(), ns.lan);
+    assert_eq!(single.0, XDP_REDIRECT, "the flow is established");
+    // 1,000 runs on one buffer: each is the established flow's ACK, rewritten as one run is.
+    assert_eq!(
+        run_wrapped(&mut lb, ns.lan, &ack.build(), (false, false), 1_000),
+        single
+    );
+    // Unwrapped, the loop's later runs see the DNATed frame (aimed at the member, not the VIP).
+    assert_ne!(lb.run_repeat(&ack.build(), ns.lan, 1_000), single);
+    // In front of the do-nothing program: the restored frame, passed.
+    assert_eq!(
+        run_wrapped(&mut lb, ns.lan, &ack.build(), (false, true), 10),
+        (XDP_PASS, ack.build())
+    );
+    // Fresh sources: 500 SYNs, 500 new half-open flows (beside the first), each sent on.
+    let (half_open, _) = lb.datapath.half_open_counts().unwrap();
+    assert_eq!(half_open, 0, "the first SYN's flow was promoted");
+    let (action, out) = run_wrapped(&mut lb, ns.lan, &syn.build(), (true, false), 500);
+    assert_eq!(action, XDP_REDIRECT);
+    let members = [[10, 2, 0, 11], [10, 2, 0, 12]];
+    assert!(
+        members.contains(&out[30..34].try_into().unwrap()),
+        "DNATed to a member"
+    );
+    assert_eq!(lb.datapath.half_open_counts().unwrap().0, 500);
 }

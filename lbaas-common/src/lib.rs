@@ -132,6 +132,34 @@ pub const ALL_MAPS: [&str; 19] = [
     MAP_GLOBAL_STATS,
 ];
 
+/// Name of the benchmark's frame: one [`BenchFrame`], which the benchmark wrapper program
+/// (`lbaas_bench`, never attached) writes over the packet before every run. Not pinned.
+pub const MAP_BENCH_FRAME: &str = "LB_BENCH_FRAME";
+/// Name of the benchmark wrapper's jump table: slot 0 is the program under test. Not pinned.
+pub const MAP_BENCH_TARGET: &str = "LB_BENCH_TARGET";
+/// Bytes of the frame the benchmark wrapper restores: Ethernet, IPv4 without options and a
+/// TCP header (every byte any path rewrites); frames run through it are at least this long.
+pub const BENCH_FRAME_BYTES: usize = 54;
+
+/// What the benchmark wrapper writes over the packet before each run, so that an in-kernel
+/// loop (`BPF_PROG_TEST_RUN` with a large `repeat`) runs every iteration on the original frame
+/// instead of on the previous iteration's output.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchFrame {
+    /// The frame's first [`BENCH_FRAME_BYTES`] bytes.
+    pub bytes: [u8; BENCH_FRAME_BYTES],
+    /// Non-zero: each run gets a source address of its own (the frame's plus a per-CPU run
+    /// count), so that every run is a new flow.
+    pub fresh_source: u8,
+    /// Explicit padding.
+    pub _pad: u8,
+    /// Runs so far with `fresh_source` (the wrapper counts them; the benchmark runs on one
+    /// CPU).
+    pub runs: u32,
+}
+const _: () = assert!(core::mem::size_of::<BenchFrame>() == 60);
+
 /// Maximum number of VIP:port:protocol entries.
 pub const MAX_VIPS: u32 = 4096;
 /// Maximum number of listeners (ids `0..MAX_LISTENERS`).
@@ -484,5 +512,6 @@ mod user {
     unsafe impl aya::Pod for ReverseNat {}
     unsafe impl aya::Pod for ListenerStats {}
     unsafe impl aya::Pod for FlowCounters {}
+    unsafe impl aya::Pod for BenchFrame {}
     unsafe impl aya::Pod for CachedHop {}
 }

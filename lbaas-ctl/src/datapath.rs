@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, MapError, PerCpuArray,
+        Array, HashMap, MapData, MapError, PerCpuArray, ProgramArray,
         lpm_trie::{Key as TrieKey, LpmTrie},
     },
     programs::{
@@ -33,6 +33,8 @@ static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 pub const PROGRAM_NAME: &str = "lbaas_xdp";
 /// Name of the do-nothing XDP program in the object (benchmarks' floor).
 pub const NOOP_PROGRAM_NAME: &str = "lbaas_noop";
+/// Name of the benchmark wrapper program (see [`Datapath::bench_wrapper`]).
+pub const BENCH_PROGRAM_NAME: &str = "lbaas_bench";
 
 /// Names of the global counters, indexed by `STAT_*`.
 pub const GLOBAL_STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -589,6 +591,72 @@ impl Datapath {
             .program(NOOP_PROGRAM_NAME)
             .ok_or(ProgramError::NotLoaded)?
             .try_into()?)
+    }
+
+    /// Loads the benchmark wrapper (once) and points it at the data path, or at the
+    /// do-nothing program (`noop`, loaded as needed), with `frame` (its first
+    /// [`lbaas_common::BENCH_FRAME_BYTES`] bytes) to write over the packet before each run;
+    /// `fresh_source` gives each run a source address of its own (a new flow per run).
+    /// Returns the wrapper, to be run with `BPF_PROG_TEST_RUN` on frames of that length or more.
+    pub fn bench_wrapper(
+        &mut self,
+        frame: &[u8],
+        fresh_source: bool,
+        noop: bool,
+    ) -> Result<&Xdp, DatapathError> {
+        let mut bytes = [0u8; lbaas_common::BENCH_FRAME_BYTES];
+        let restored = frame.get(..bytes.len()).ok_or_else(|| DatapathError::Map {
+            map: lbaas_common::MAP_BENCH_FRAME,
+            source: Box::new(MapError::OutOfBounds {
+                index: frame.len() as u32,
+                max_entries: bytes.len() as u32,
+            }),
+        })?;
+        bytes.copy_from_slice(restored);
+        let mut frames: Array<&mut MapData, lbaas_common::BenchFrame> = Array::try_from(
+            self.ebpf
+                .map_mut(lbaas_common::MAP_BENCH_FRAME)
+                .ok_or(DatapathError::MissingMap(lbaas_common::MAP_BENCH_FRAME))?,
+        )
+        .map_err(map_error(lbaas_common::MAP_BENCH_FRAME))?;
+        // The run count carries on, so that a new target sees new flows too.
+        let runs = frames.get(&0, 0).map_or(0, |f| f.runs);
+        let value = lbaas_common::BenchFrame {
+            bytes,
+            fresh_source: u8::from(fresh_source),
+            _pad: 0,
+            runs,
+        };
+        frames
+            .set(0, value, 0)
+            .map_err(map_error(lbaas_common::MAP_BENCH_FRAME))?;
+        if noop {
+            self.load_noop()?;
+        }
+        let target = if noop {
+            self.noop_program()?
+        } else {
+            self.program()?
+        };
+        let target = target.fd()?.try_clone().map_err(ProgramError::from)?;
+        let mut jumps = ProgramArray::try_from(
+            self.ebpf
+                .map_mut(lbaas_common::MAP_BENCH_TARGET)
+                .ok_or(DatapathError::MissingMap(lbaas_common::MAP_BENCH_TARGET))?,
+        )
+        .map_err(map_error(lbaas_common::MAP_BENCH_TARGET))?;
+        jumps
+            .set(0, &target, 0)
+            .map_err(map_error(lbaas_common::MAP_BENCH_TARGET))?;
+        let wrapper: &mut Xdp = self
+            .ebpf
+            .program_mut(BENCH_PROGRAM_NAME)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()?;
+        if wrapper.fd().is_err() {
+            wrapper.load()?;
+        }
+        Ok(wrapper)
     }
 
     /// The program, e.g. for `BPF_PROG_TEST_RUN`.

@@ -12,6 +12,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod bench;
 mod checksum;
 mod egress;
 mod forward;
@@ -85,4 +86,11 @@ static LICENSE: [u8; 4] = *b"GPL\0";
 #[xdp]
 pub fn lbaas_noop(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// The benchmark's wrapper: restores the benchmark frame, then tail-calls the program under
+/// test (see [`bench`]). Loaded only by the benchmark.
+#[xdp]
+pub fn lbaas_bench(ctx: XdpContext) -> u32 {
+    bench::restore_and_run(&ctx)
 }

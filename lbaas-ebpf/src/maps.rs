@@ -2,14 +2,14 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use lbaas_common::{
-    CONN_COUNTER_SLOTS, CachedHop, DEFAULT_CONNTRACK_SIZE, Endpoint, FlowCounters, FlowKey,
-    FlowState, HalfOpen, ListenerStats, MAX_ALLOWED_SOURCES, MAX_IFACES, MAX_LISTENERS,
+    BenchFrame, CONN_COUNTER_SLOTS, CachedHop, DEFAULT_CONNTRACK_SIZE, Endpoint, FlowCounters,
+    FlowKey, FlowState, HalfOpen, ListenerStats, MAX_ALLOWED_SOURCES, MAX_IFACES, MAX_LISTENERS,
     MAX_MEMBER_VIPS, MAX_MEMBERS, MAX_VIPS, MemberInfo, NEXT_HOP_ENTRIES, RING_SLOTS, ReverseNat,
     STAT_COUNT, SourcePrefix, VIP_FILTER_SLOTS, VipInfo, VipKey,
 };
@@ -259,3 +259,11 @@ pub fn count_refused(listener_id: u32) {
         unsafe { (*stats).refused += 1 };
     }
 }
+
+/// The benchmark wrapper's frame (see `MAP_BENCH_FRAME`).
+#[map(name = "LB_BENCH_FRAME")]
+pub static LB_BENCH_FRAME: Array<BenchFrame> = Array::with_max_entries(1, 0);
+
+/// The benchmark wrapper's program under test (see `MAP_BENCH_TARGET`).
+#[map(name = "LB_BENCH_TARGET")]
+pub static LB_BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
