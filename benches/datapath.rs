@@ -24,7 +24,7 @@ mod topology;
 
 use std::{fmt::Write as _, net::Ipv4Addr, time::Instant};
 
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::programs::Xdp;
 use frames::Frame;
 use lbaas_ctl::{
     compile::{CompileOptions, Programmer, desired},
@@ -48,28 +48,10 @@ fn measure(
     calls: u32,
     repeat: u32,
 ) -> f64 {
-    let ctx: Vec<u8> = [0u32, 0, 0, ifindex, 0, 0]
-        .iter()
-        .flat_map(|v| v.to_ne_bytes())
-        .collect();
-    let mut total_ns = 0u128;
-    let mut out = vec![0u8; 512];
-    for i in 0..calls {
-        let frame = frames(i);
-        let mut ctx = ctx.clone();
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        let r = program
-            .test_run(TestRunOptions {
-                data_in: Some(&frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                repeat,
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        total_ns += r.duration.as_nanos() * u128::from(repeat.max(1));
-    }
-    total_ns as f64 / f64::from(calls) / f64::from(repeat.max(1))
+    let total: f64 = (0..calls)
+        .map(|i| f64::from(pktns::test_run(program, &frames(i), ifindex, repeat).2))
+        .sum();
+    total / f64::from(calls)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -79,21 +61,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// One call of `repeat` runs: the action of the last and the kernel's mean ns per run.
 fn run_call(program: &Xdp, frame: &[u8], ifindex: u32, repeat: u32) -> (u32, f64) {
-    let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0]
-        .iter()
-        .flat_map(|v| v.to_ne_bytes())
-        .collect();
-    let mut out = vec![0u8; 512];
-    let r = program
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            repeat,
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    (r.return_value, r.duration.as_nanos() as f64)
+    let (action, _, ns) = pktns::test_run(program, frame, ifindex, repeat);
+    (action, f64::from(ns))
 }
 
 /// The data path's ns per packet in the kernel's own loop of `repeat` runs: the benchmark

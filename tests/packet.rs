@@ -11,7 +11,6 @@ mod common;
 
 use std::{net::Ipv4Addr, os::fd::AsRawFd as _};
 
-use aya::programs::{TestRun, TestRunOptions};
 use common::{
     frames::{Frame, UDP, hex},
     pktns::*,
@@ -95,26 +94,8 @@ impl Lb {
 
     /// `repeat` runs on one buffer (each after the first sees the previous one's output).
     fn run_repeat(&self, frame: &[u8], ifindex: u32, repeat: u32) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
-        let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0]
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect();
-        let result = self
-            .datapath
-            .program()
-            .unwrap()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                repeat,
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        let (action, out, _) = test_run(self.datapath.program().unwrap(), frame, ifindex, repeat);
+        (action, out)
     }
 
     /// Marks the namespace's client arm client-only and its member arm member-only, as the
@@ -1668,25 +1649,12 @@ fn run_wrapped(
     (fresh, noop): (bool, bool),
     repeat: u32,
 ) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 256];
-    let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0]
-        .iter()
-        .flat_map(|v| v.to_ne_bytes())
-        .collect();
-    let result = lb
+    let wrapper = lb
         .datapath
         .bench_wrapper(frame, fresh, noop)
-        .expect("benchmark wrapper")
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            repeat,
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+        .expect("benchmark wrapper");
+    let (action, out, _) = test_run(wrapper, frame, ifindex, repeat);
+    (action, out)
 }
 
 /// The benchmark's in-kernel loop measures the real path on every run: the wrapper writes

@@ -9,7 +9,36 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+
 use super::topology::{require_root, run};
+
+/// One `BPF_PROG_TEST_RUN` call: `repeat` runs of `program` on `frame`, arriving by interface
+/// `ifindex` (each run after the first on the previous one's output, unless the program
+/// restores it). Returns the last run's action and frame, and the kernel's mean ns per run.
+pub fn test_run(program: &Xdp, frame: &[u8], ifindex: u32, repeat: u32) -> (u32, Vec<u8>, u32) {
+    let mut out = vec![0u8; frame.len() + 256];
+    // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+    let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect();
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (
+        result.return_value,
+        out,
+        u32::try_from(result.duration.as_nanos()).unwrap_or(u32::MAX),
+    )
+}
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x02];
