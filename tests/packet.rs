@@ -20,7 +20,7 @@ use lbaas_common::STAT_COUNT;
 use lbaas_ctl::{
     compile::{CompileOptions, DEFAULT_DRAIN_TIMEOUT, ListenerRef, Programmer, desired},
     config,
-    datapath::{Datapath, ExpiryPolicy, GLOBAL_STAT_NAMES, LoadOptions},
+    datapath::{Datapath, DatapathError, ExpiryPolicy, GLOBAL_STAT_NAMES, LoadOptions},
 };
 use std::time::{Duration, Instant};
 
@@ -1693,4 +1693,9 @@ fn the_benchmark_wrapper_runs_every_iteration_on_the_original_frame() {
         "DNATed to a member"
     );
     assert_eq!(lb.datapath.half_open_counts().unwrap().0, 500);
+    // A frame shorter than what the wrapper restores is refused, not half restored.
+    assert!(matches!(
+        lb.datapath.bench_wrapper(&ack.build()[..40], false, false),
+        Err(DatapathError::ShortBenchFrame(40))
+    ));
 }

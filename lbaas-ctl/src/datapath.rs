@@ -88,6 +88,12 @@ pub enum DatapathError {
         /// Error in generic (skb) mode.
         generic: Box<ProgramError>,
     },
+    /// A frame for the benchmark wrapper is shorter than the bytes it restores.
+    #[error(
+        "a benchmark frame of {0} bytes: the wrapper restores the first {BENCH_FRAME_BYTES}, frames must be at least that long",
+        BENCH_FRAME_BYTES = lbaas_common::BENCH_FRAME_BYTES
+    )]
+    ShortBenchFrame(usize),
     /// A map the program should have is missing.
     #[error("the XDP object has no map {0}")]
     MissingMap(&'static str),
@@ -605,13 +611,9 @@ impl Datapath {
         noop: bool,
     ) -> Result<&Xdp, DatapathError> {
         let mut bytes = [0u8; lbaas_common::BENCH_FRAME_BYTES];
-        let restored = frame.get(..bytes.len()).ok_or_else(|| DatapathError::Map {
-            map: lbaas_common::MAP_BENCH_FRAME,
-            source: Box::new(MapError::OutOfBounds {
-                index: frame.len() as u32,
-                max_entries: bytes.len() as u32,
-            }),
-        })?;
+        let restored = frame
+            .get(..bytes.len())
+            .ok_or(DatapathError::ShortBenchFrame(frame.len()))?;
         bytes.copy_from_slice(restored);
         let mut frames: Array<&mut MapData, lbaas_common::BenchFrame> = Array::try_from(
             self.ebpf
