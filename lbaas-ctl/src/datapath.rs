@@ -579,15 +579,20 @@ impl Datapath {
 
     /// Loads the do-nothing program shipped beside the data path: the benchmarks' floor.
     pub fn load_noop(&mut self) -> Result<(), DatapathError> {
+        self.load_once(NOOP_PROGRAM_NAME).map(|_| ())
+    }
+
+    /// One of the object's other programs, loaded into the kernel if it is not yet.
+    fn load_once(&mut self, name: &str) -> Result<&mut Xdp, DatapathError> {
         let program: &mut Xdp = self
             .ebpf
-            .program_mut(NOOP_PROGRAM_NAME)
+            .program_mut(name)
             .ok_or(ProgramError::NotLoaded)?
             .try_into()?;
         if program.fd().is_err() {
             program.load()?;
         }
-        Ok(())
+        Ok(program)
     }
 
     /// The do-nothing program (after [`Datapath::load_noop`]).
@@ -650,15 +655,7 @@ impl Datapath {
         jumps
             .set(0, &target, 0)
             .map_err(map_error(lbaas_common::MAP_BENCH_TARGET))?;
-        let wrapper: &mut Xdp = self
-            .ebpf
-            .program_mut(BENCH_PROGRAM_NAME)
-            .ok_or(ProgramError::NotLoaded)?
-            .try_into()?;
-        if wrapper.fd().is_err() {
-            wrapper.load()?;
-        }
-        Ok(wrapper)
+        Ok(self.load_once(BENCH_PROGRAM_NAME)?)
     }
 
     /// The program, e.g. for `BPF_PROG_TEST_RUN`.
