@@ -785,7 +785,8 @@ impl Datapath {
                     src_port: member.port,
                     dst_port: key.src_port,
                     proto: key.proto,
-                    _pad: [0; 3],
+                    _pad: 0,
+                    _pad2: 0,
                 };
                 let _ = self.reverse.remove(&reply);
             }

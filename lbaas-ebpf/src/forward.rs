@@ -239,7 +239,8 @@ fn reply_key(member: &MemberInfo, pkt: &Packet) -> FlowKey {
         src_port: member.port,
         dst_port: pkt.src_port,
         proto: pkt.proto,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     }
 }
 
@@ -416,7 +417,7 @@ fn new_flow_member(
             has_reverse: u32::from(has_reverse),
             client_mac,
             local_mac,
-            _pad: [0; 4],
+            _pad: 0,
         };
         LB_CT_SYN.insert(flow, half_open, 0).ok()?;
         return Some((member_id, member));

@@ -120,7 +120,8 @@ impl Packet {
             src_port: self.src_port,
             dst_port: self.dst_port,
             proto: self.proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         }
     }
 }

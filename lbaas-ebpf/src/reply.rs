@@ -54,7 +54,8 @@ fn client_key(pkt: &Packet, vip_addr: u32, vip_port: u16) -> FlowKey {
         src_port: pkt.dst_port,
         dst_port: vip_port,
         proto: pkt.proto,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     }
 }
 
