@@ -409,6 +409,57 @@ fn a_member_reply_is_rewritten_back_to_the_vip() {
     );
 }
 
+/// A member's TCP answers a SYN for a 4-tuple it still holds with a bare ACK, not a SYN-ACK:
+/// a TIME_WAIT socket whose server has died (the client reused a port of a connection the
+/// server closed), or an RFC 5961 challenge ACK. The client must get it from the VIP (not from
+/// the member's own address, which it may have no route to), and the client's RST in answer
+/// must reach the member through the flow, clearing the member's socket for the SYN's
+/// retransmission.
+#[test]
+fn a_members_bare_ack_to_a_syn_goes_back_from_the_vip_and_the_clients_reset_reaches_it() {
+    let ns = NetNs::enter();
+    let lb = Lb::new(TWO_MEMBERS);
+    assert_eq!(forwarded_to(&lb, &to_vip(40000), ns.lan), M1);
+    let ack = Frame {
+        tcp_flags: 0x10,
+        src_mac: M1_MAC,
+        dst_mac: MEM_MAC,
+        ..Frame::tcp((M1, 8080), (CLIENT, 40000))
+    };
+    assert_frame(
+        "the member's bare ACK to the SYN",
+        lb.run(&ack.build(), ns.mem),
+        XDP_REDIRECT,
+        &Frame {
+            src: VIP,
+            sport: 80,
+            src_mac: LAN_MAC,
+            dst_mac: CLIENT_MAC,
+            ..ack.clone()
+        }
+        .build(),
+    );
+    // The flow is still half-open: the ACK answered nothing the client sent.
+    assert_eq!(lb.datapath.half_open_counts().unwrap(), (1, 0));
+    let reset = Frame {
+        tcp_flags: 0x04,
+        ..to_vip(40000)
+    };
+    assert_frame(
+        "the client's RST in answer",
+        lb.run(&reset.build(), ns.lan),
+        XDP_REDIRECT,
+        &dnat(&reset, M1, M1_MAC, 8080),
+    );
+    // The RST ended the flow (opened and closed at once: none open), and the SYN's
+    // retransmission is a new one.
+    assert_eq!(lb.datapath.half_open_counts().unwrap(), (0, 0));
+    let open = |member| lb.datapath.active_flows(member).unwrap();
+    assert_eq!(open(0) + open(1), 0, "flows open after the RST");
+    assert_eq!(forwarded_to(&lb, &to_vip(40000), ns.lan), M2);
+    assert_eq!(lb.datapath.half_open_counts().unwrap(), (1, 0));
+}
+
 /// A member endpoint that serves two listeners gets a reverse half-open entry per SYN (its
 /// SYN-ACK cannot tell which VIP it answers for otherwise). A handshake caught by the apply
 /// that made the endpoint shared loses its first SYN-ACK (it passes untouched) and completes on

@@ -19,6 +19,8 @@ const ETH_P_8021AD: u16 = 0x88a8;
 const IPV4_HLEN: usize = 20;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
+/// The longest IP packet that can be a bare TCP ACK: no IP options, the most TCP options.
+const BARE_ACK_MAX_LEN: usize = IPV4_HLEN + 60;
 
 /// Offsets inside the IPv4 header.
 pub mod ip {
@@ -97,12 +99,17 @@ impl Packet {
         self.proto == IPPROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 
-    /// A segment a member may send for a connection still half-open at the LB (its
-    /// SYN-ACK, or a FIN or RST ending it): data and bare ACKs only follow the client's ACK,
-    /// which moved the flow to the connection table.
+    /// A segment a member may send for a connection still half-open at the LB: its SYN-ACK,
+    /// a FIN or RST ending it, or a bare ACK, which is how a member's TCP answers a SYN for a
+    /// 4-tuple it still holds (a TIME_WAIT socket whose server is gone, an RFC 5961 challenge
+    /// ACK); the client must see that ACK from the VIP, and its RST must come back through
+    /// the LB to clear the member's socket. Data only follows the client's ACK, which moved
+    /// the flow to the connection table.
     #[inline(always)]
     pub fn may_answer_half_open(&self) -> bool {
-        self.proto == IPPROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0
+        self.proto == IPPROTO_TCP
+            && (self.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0
+                || (self.tcp_flags == TCP_ACK && usize::from(self.tot_len) <= BARE_ACK_MAX_LEN))
     }
 
     /// A TCP segment that ends a connection (FIN or RST).

@@ -17,8 +17,9 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, ()> {
     // SAFETY: read-only copies of entries written whole.
     let nat = match unsafe { LB_CT_REV.get(key) } {
         Some(nat) => *nat,
-        // A SYN-ACK (or a FIN or RST) to a half-open flow. Other packets skip the lookup:
-        // a member's own traffic routed through this node costs one miss, not two.
+        // A member's answer to a half-open flow (SYN-ACK, bare ACK, FIN, RST). Data skips
+        // the lookup: a member's own traffic routed through this node costs one miss, not
+        // two (its bare ACKs, two).
         None if pkt.may_answer_half_open() => match half_open_nat(pkt, &key) {
             Some(nat) => nat,
             None => return Ok(None),
