@@ -407,6 +407,10 @@ fn a_member_reply_is_rewritten_back_to_the_vip() {
         }
         .build(),
     );
+    // The member refused the connection: its flow is gone, and a new connection from the
+    // same port (a client may reuse it at once) is balanced afresh, not sent to that member.
+    assert_eq!(lb.datapath.half_open_counts().unwrap(), (0, 0));
+    assert_eq!(forwarded_to(&lb, &to_vip(40000), ns.lan), M2);
 }
 
 /// A member's TCP answers a SYN for a 4-tuple it still holds with a bare ACK, not a SYN-ACK:

@@ -112,6 +112,12 @@ impl Packet {
                 || (self.tcp_flags == TCP_ACK && usize::from(self.tot_len) <= BARE_ACK_MAX_LEN))
     }
 
+    /// A TCP segment that resets a connection.
+    #[inline(always)]
+    pub fn is_reset(&self) -> bool {
+        self.proto == IPPROTO_TCP && self.tcp_flags & TCP_RST != 0
+    }
+
     /// A TCP segment that ends a connection (FIN or RST).
     #[inline(always)]
     pub fn is_close(&self) -> bool {

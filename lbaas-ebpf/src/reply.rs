@@ -21,7 +21,12 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, ()> {
         // the lookup: a member's own traffic routed through this node costs one miss, not
         // two (its bare ACKs, two).
         None if pkt.may_answer_half_open() => match half_open_nat(pkt, &key) {
-            Some(nat) => nat,
+            Some(nat) => {
+                if pkt.is_reset() {
+                    end_half_open(pkt, &key, &nat);
+                }
+                nat
+            }
             None => return Ok(None),
         },
         None => return Ok(None),
@@ -44,6 +49,16 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, ()> {
         maps::now_ns(),
     )
     .map(Some)
+}
+
+/// Forgets a half-open flow its member refused (RST): the client's connection is over. Kept,
+/// it would send a new connection from the same client port (free again at once after a RST,
+/// and soon reused) to the member that refused, as if it were the SYN's retransmission.
+#[inline(always)]
+fn end_half_open(pkt: &Packet, key: &FlowKey, nat: &ReverseNat) {
+    let _ = LB_CT_SYN.remove(&client_key(pkt, nat.vip_addr, nat.vip_port));
+    // Only an endpoint shared by several listeners has one (a miss otherwise; RSTs only).
+    let _ = LB_CT_SYN_REV.remove(key);
 }
 
 /// The client-side key of the flow a member's packet answers: client -> VIP.
