@@ -56,7 +56,7 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, ()> {
 /// and soon reused) to the member that refused, as if it were the SYN's retransmission.
 #[inline(always)]
 fn end_half_open(pkt: &Packet, key: &FlowKey, nat: &ReverseNat) {
-    let _ = LB_CT_SYN.remove(&client_key(pkt, nat.vip_addr, nat.vip_port));
+    let _ = LB_CT_SYN.remove(client_key(pkt, nat.vip_addr, nat.vip_port));
     // Only an endpoint shared by several listeners has one (a miss otherwise; RSTs only).
     let _ = LB_CT_SYN_REV.remove(key);
 }
