@@ -253,6 +253,19 @@ pub struct VipKey {
     pub _pad: u8,
 }
 
+impl VipKey {
+    /// The key of a listener (or a member endpoint), written as two whole words (see
+    /// [`FlowKey::new`]: the kernel's hash reads it a word at a time).
+    #[inline(always)]
+    pub fn new(addr: u32, port: u16, proto: u8) -> Self {
+        let [p0, p1] = port.to_ne_bytes();
+        let words = [addr, u32::from_ne_bytes([p0, p1, proto, 0])];
+        // SAFETY: VipKey is repr(C), 8 bytes of plain integers with no padding of its own
+        // (asserted below), so any two words are a valid value, laid out field by field.
+        unsafe { core::mem::transmute::<[u32; 2], Self>(words) }
+    }
+}
+
 /// Value of the VIP table: what the data path needs to serve one listener.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -335,6 +348,27 @@ pub struct FlowKey {
     pub _pad: u8,
     /// Explicit padding; always zero (see `_pad`).
     pub _pad2: u16,
+}
+
+impl FlowKey {
+    /// The key of a flow, written as four whole words. The kernel's hash reads a key a word
+    /// at a time right after the program wrote it; a word read of bytes just stored in
+    /// smaller pieces (a port, the protocol, the padding) cannot be forwarded from the CPU's
+    /// store buffer and stalls, on every lookup.
+    #[inline(always)]
+    pub fn new(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> Self {
+        let [s0, s1] = src_port.to_ne_bytes();
+        let [d0, d1] = dst_port.to_ne_bytes();
+        let words = [
+            src_addr,
+            dst_addr,
+            u32::from_ne_bytes([s0, s1, d0, d1]),
+            u32::from_ne_bytes([proto, 0, 0, 0]),
+        ];
+        // SAFETY: FlowKey is repr(C), 16 bytes of plain integers with no padding of its own
+        // (asserted below), so any four words are a valid value, laid out field by field.
+        unsafe { core::mem::transmute::<[u32; 4], Self>(words) }
+    }
 }
 
 /// Connection-table value: which member a client flow is pinned to.
@@ -518,4 +552,39 @@ mod user {
     unsafe impl aya::Pod for FlowCounters {}
     unsafe impl aya::Pod for BenchFrame {}
     unsafe impl aya::Pod for CachedHop {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FlowKey, VipKey};
+
+    #[test]
+    fn a_vip_key_built_from_words_has_each_field_in_its_place() {
+        assert_eq!(
+            VipKey::new(0x0a00_0064, 0x0050, 17),
+            VipKey {
+                addr: 0x0a00_0064,
+                port: 0x0050,
+                proto: 17,
+                _pad: 0,
+            }
+        );
+    }
+
+    #[test]
+    fn a_flow_key_built_from_words_has_each_field_in_its_place() {
+        let key = FlowKey::new(0x0a00_0001, 0x0a00_0064, 0x1f90, 0x0050, 6);
+        assert_eq!(
+            key,
+            FlowKey {
+                src_addr: 0x0a00_0001,
+                dst_addr: 0x0a00_0064,
+                src_port: 0x1f90,
+                dst_port: 0x0050,
+                proto: 6,
+                _pad: 0,
+                _pad2: 0,
+            }
+        );
+    }
 }

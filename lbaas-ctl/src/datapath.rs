@@ -779,15 +779,13 @@ impl Datapath {
             let member = self.tables.members.get(&state.member_id, 0).ok();
             let current = member.filter(|m| m.generation == state.member_generation && m.addr != 0);
             if let Some(member) = current {
-                let reply = FlowKey {
-                    src_addr: member.addr,
-                    dst_addr: key.src_addr,
-                    src_port: member.port,
-                    dst_port: key.src_port,
-                    proto: key.proto,
-                    _pad: 0,
-                    _pad2: 0,
-                };
+                let reply = FlowKey::new(
+                    member.addr,
+                    key.src_addr,
+                    member.port,
+                    key.src_port,
+                    key.proto,
+                );
                 let _ = self.reverse.remove(&reply);
             }
             if !closed {

@@ -233,15 +233,13 @@ fn half_open_member(
 /// The key a member's replies to this client carry.
 #[inline(always)]
 fn reply_key(member: &MemberInfo, pkt: &Packet) -> FlowKey {
-    FlowKey {
-        src_addr: member.addr,
-        dst_addr: pkt.src_addr,
-        src_port: member.port,
-        dst_port: pkt.src_port,
-        proto: pkt.proto,
-        _pad: 0,
-        _pad2: 0,
-    }
+    FlowKey::new(
+        member.addr,
+        pkt.src_addr,
+        member.port,
+        pkt.src_port,
+        pkt.proto,
+    )
 }
 
 /// How a member's replies are made to come from the VIP, and the client's L2 address as a

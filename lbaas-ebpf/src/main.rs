@@ -49,12 +49,7 @@ fn try_lbaas_xdp(ctx: &XdpContext) -> Result<u32, ()> {
         if let Some(action) = forward::established(ctx, &pkt, &flow, now)? {
             return Ok(action);
         }
-        let vip = VipKey {
-            addr: pkt.dst_addr,
-            port: pkt.dst_port,
-            proto: pkt.proto,
-            _pad: 0,
-        };
+        let vip = VipKey::new(pkt.dst_addr, pkt.dst_port, pkt.proto);
         // SAFETY: the value is only read, and entries are replaced whole by the controller.
         if let Some(info) = unsafe { maps::LB_VIPS.get(vip) } {
             return forward::to_member(ctx, &pkt, &flow, info, now);

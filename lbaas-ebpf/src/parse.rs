@@ -127,15 +127,13 @@ impl Packet {
     /// The packet's 5-tuple as a connection-table key.
     #[inline(always)]
     pub fn flow_key(&self) -> FlowKey {
-        FlowKey {
-            src_addr: self.src_addr,
-            dst_addr: self.dst_addr,
-            src_port: self.src_port,
-            dst_port: self.dst_port,
-            proto: self.proto,
-            _pad: 0,
-            _pad2: 0,
-        }
+        FlowKey::new(
+            self.src_addr,
+            self.dst_addr,
+            self.src_port,
+            self.dst_port,
+            self.proto,
+        )
     }
 }
 

@@ -64,15 +64,7 @@ fn end_half_open(pkt: &Packet, key: &FlowKey, nat: &ReverseNat) {
 /// The client-side key of the flow a member's packet answers: client -> VIP.
 #[inline(always)]
 fn client_key(pkt: &Packet, vip_addr: u32, vip_port: u16) -> FlowKey {
-    FlowKey {
-        src_addr: pkt.dst_addr,
-        dst_addr: vip_addr,
-        src_port: pkt.dst_port,
-        dst_port: vip_port,
-        proto: pkt.proto,
-        _pad: 0,
-        _pad2: 0,
-    }
+    FlowKey::new(pkt.dst_addr, vip_addr, pkt.dst_port, vip_port, pkt.proto)
 }
 
 /// How to rewrite a member's answer to a half-open flow: from the flow itself when the member's
@@ -80,12 +72,7 @@ fn client_key(pkt: &Packet, vip_addr: u32, vip_port: u16) -> FlowKey {
 /// reverse half-open table.
 #[inline(always)]
 fn half_open_nat(pkt: &Packet, key: &FlowKey) -> Option<ReverseNat> {
-    let endpoint = VipKey {
-        addr: pkt.src_addr,
-        port: pkt.src_port,
-        proto: pkt.proto,
-        _pad: 0,
-    };
+    let endpoint = VipKey::new(pkt.src_addr, pkt.src_port, pkt.proto);
     // SAFETY: read-only copies of entries written whole.
     if let Some(vip) = unsafe { LB_MVIP.get(endpoint) }.copied()
         && let Some(half) = unsafe { LB_CT_SYN.get(client_key(pkt, vip.addr, vip.port)) }
