@@ -152,6 +152,28 @@ fn dnat(frame: &Frame, member: Ipv4Addr, member_mac: [u8; 6], port: u16) -> Vec<
     .build()
 }
 
+/// A member's packet to the client, as the member sends it (to the LB's MAC).
+fn from_member(member: Ipv4Addr, member_mac: [u8; 6], client_port: u16, flags: u8) -> Frame {
+    Frame {
+        tcp_flags: flags,
+        src_mac: member_mac,
+        dst_mac: MEM_MAC,
+        ..Frame::tcp((member, 8080), (CLIENT, client_port))
+    }
+}
+
+/// A member's packet as the LB must send it on to the client: from the VIP.
+fn from_vip(frame: &Frame) -> Vec<u8> {
+    Frame {
+        src: VIP,
+        sport: 80,
+        src_mac: LAN_MAC,
+        dst_mac: CLIENT_MAC,
+        ..frame.clone()
+    }
+    .build()
+}
+
 #[test]
 fn syn_to_the_vip_is_rewritten_to_the_chosen_member() {
     let ns = NetNs::enter();
@@ -340,22 +362,12 @@ fn a_member_reply_is_rewritten_back_to_the_vip() {
     // Each member's endpoint serves this listener only: its SYN-ACK will find the flow from
     // the VIP the member endpoint table names, without a reverse half-open entry.
     assert_eq!(lb.datapath.half_open_counts().unwrap(), (1, 0));
-    let mut reply = Frame::tcp((M1, 8080), (CLIENT, 40000));
-    reply.tcp_flags = 0x12;
-    reply.src_mac = M1_MAC;
-    reply.dst_mac = MEM_MAC;
-    let expected = Frame {
-        src: VIP,
-        sport: 80,
-        src_mac: LAN_MAC,
-        dst_mac: CLIENT_MAC,
-        ..reply.clone()
-    };
+    let reply = from_member(M1, M1_MAC, 40000, 0x12);
     assert_frame(
         "reply",
         lb.run(&reply.build(), ns.mem),
         XDP_REDIRECT,
-        &expected.build(),
+        &from_vip(&reply),
     );
     // A reply from a port the flow does not use is not ours: untouched.
     let stray = Frame {
@@ -401,11 +413,7 @@ fn a_member_reply_is_rewritten_back_to_the_vip() {
         "reset of the half-open flow",
         lb.run(&reset.build(), ns.mem),
         XDP_REDIRECT,
-        &Frame {
-            tcp_flags: 0x14,
-            ..expected
-        }
-        .build(),
+        &from_vip(&reset),
     );
     // The member refused the connection: its flow is gone, and a new connection from the
     // same port (a client may reuse it at once) is balanced afresh, not sent to that member.
@@ -424,24 +432,12 @@ fn a_members_bare_ack_to_a_syn_goes_back_from_the_vip_and_the_clients_reset_reac
     let ns = NetNs::enter();
     let lb = Lb::new(TWO_MEMBERS);
     assert_eq!(forwarded_to(&lb, &to_vip(40000), ns.lan), M1);
-    let ack = Frame {
-        tcp_flags: 0x10,
-        src_mac: M1_MAC,
-        dst_mac: MEM_MAC,
-        ..Frame::tcp((M1, 8080), (CLIENT, 40000))
-    };
+    let ack = from_member(M1, M1_MAC, 40000, 0x10);
     assert_frame(
         "the member's bare ACK to the SYN",
         lb.run(&ack.build(), ns.mem),
         XDP_REDIRECT,
-        &Frame {
-            src: VIP,
-            sport: 80,
-            src_mac: LAN_MAC,
-            dst_mac: CLIENT_MAC,
-            ..ack.clone()
-        }
-        .build(),
+        &from_vip(&ack),
     );
     // The flow is still half-open: the ACK answered nothing the client sent.
     assert_eq!(lb.datapath.half_open_counts().unwrap(), (1, 0));
@@ -1362,47 +1358,25 @@ fn a_reply_without_a_neighbour_entry_uses_the_clients_remembered_address() {
         "lan0",
     ]);
     let reply = Frame {
-        tcp_flags: 0x18,
-        src_mac: M1_MAC,
-        dst_mac: MEM_MAC,
         payload: b"hello".to_vec(),
-        ..Frame::tcp((M1, 8080), (CLIENT, 40000))
-    };
-    let expected = Frame {
-        src: VIP,
-        sport: 80,
-        src_mac: LAN_MAC,
-        dst_mac: CLIENT_MAC,
-        ..reply.clone()
+        ..from_member(M1, M1_MAC, 40000, 0x18)
     };
     assert_frame(
         "reply, no neighbour",
         lb.run(&reply.build(), ns.mem),
         XDP_REDIRECT,
-        &expected.build(),
+        &from_vip(&reply),
     );
     assert_eq!(lb.stat("pass_no_neighbour"), 0);
     // The same for the SYN-ACK of a half-open flow (found without a reverse entry).
     assert_eq!(forwarded_to(&lb, &to_vip(40001), ns.lan), M2);
     assert_eq!(lb.datapath.half_open_counts().unwrap(), (1, 0));
-    let syn_ack = Frame {
-        tcp_flags: 0x12,
-        src_mac: M2_MAC,
-        dst_mac: MEM_MAC,
-        ..Frame::tcp((M2, 8080), (CLIENT, 40001))
-    };
+    let syn_ack = from_member(M2, M2_MAC, 40001, 0x12);
     assert_frame(
         "SYN-ACK, no neighbour",
         lb.run(&syn_ack.build(), ns.mem),
         XDP_REDIRECT,
-        &Frame {
-            src: VIP,
-            sport: 80,
-            src_mac: LAN_MAC,
-            dst_mac: CLIENT_MAC,
-            ..syn_ack
-        }
-        .build(),
+        &from_vip(&syn_ack),
     );
     assert_eq!(lb.stat("pass_no_neighbour"), 0);
 }
