@@ -197,6 +197,30 @@ struct ScaleRow {
     per_call: PerCall,
 }
 
+/// An established flow's data segment in `dp`, in the kernel's loop and one per call (`floor`:
+/// the do-nothing program, and its figure in the loop).
+fn established_both_ways(
+    dp: &mut Datapath,
+    name: String,
+    ns: &NetNs,
+    s: &Settings,
+    (floor_program, floor_rep): (&Xdp, f64),
+) -> ScaleRow {
+    let data = established_flow(dp.program().expect("program"), ns);
+    let (in_loop, _) = in_loop(dp, &data, false, ns.lan, s.rounds, s.repeat, floor_rep);
+    ScaleRow {
+        name,
+        in_loop,
+        per_call: per_call(
+            dp.program().expect("program"),
+            floor_program,
+            &mut |_, _| data.clone(),
+            ns.lan,
+            s,
+        ),
+    }
+}
+
 /// A one-packet-per-call figure and its do-nothing floor from the same rounds.
 #[derive(Clone, Copy)]
 struct PerCall {
@@ -405,21 +429,13 @@ fn main() {
         per_call: call_figure("established TCP flow"),
     }];
     let (mut many, _) = loaded(&many_vips_yaml(1_000), &ns);
-    let data = established_flow(many.program().unwrap(), &ns);
-    let (in_loop_many, _) = in_loop(
-        &mut many, &data, false, ns.lan, s.rounds, s.repeat, floor_rep,
-    );
-    scale_rows.push(ScaleRow {
-        name: "established TCP flow, 1,000 VIPs".into(),
-        in_loop: in_loop_many,
-        per_call: per_call(
-            many.program().unwrap(),
-            floor_program,
-            &mut |_, _| data.clone(),
-            ns.lan,
-            &s,
-        ),
-    });
+    scale_rows.push(established_both_ways(
+        &mut many,
+        "established TCP flow, 1,000 VIPs".into(),
+        &ns,
+        &s,
+        (floor_program, floor_rep),
+    ));
     drop(many);
     let table_flows: u32 = if quick { 10_000 } else { 1_000_000 };
     let (mut full, _) = loaded_sized(&pool_yaml("ROUND_ROBIN"), &ns, table_flows + 65_536);
@@ -444,21 +460,13 @@ fn main() {
         "filled the connection table with {in_table} flows in {:.1} s",
         fill_start.elapsed().as_secs_f64()
     );
-    let data = established_flow(program, &ns);
-    let (est_full, _) = in_loop(
-        &mut full, &data, false, ns.lan, s.rounds, s.repeat, floor_rep,
-    );
-    scale_rows.push(ScaleRow {
-        name: format!("established TCP flow, {in_table} flows in the connection table"),
-        in_loop: est_full,
-        per_call: per_call(
-            full.program().unwrap(),
-            floor_program,
-            &mut |_, _| data.clone(),
-            ns.lan,
-            &s,
-        ),
-    });
+    scale_rows.push(established_both_ways(
+        &mut full,
+        format!("established TCP flow, {in_table} flows in the connection table"),
+        &ns,
+        &s,
+        (floor_program, floor_rep),
+    ));
     let rr_syn = "new TCP flow (SYN), ROUND_ROBIN";
     scale_rows.push(ScaleRow {
         name: format!("{rr_syn}, a handful of flows"),
