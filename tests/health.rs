@@ -202,6 +202,39 @@ fn tcp_monitor_fails_over_with_no_lost_request_after_detection() {
     assert_eq!(answers, ["member-1", "member-1", "member-2", "member-2"]);
 }
 
+/// A member that refuses connections is probed at once, not at its next tick: with checks a
+/// minute apart and two failed checks to go down, only probes brought forward by the refusals
+/// the data path reports can take it out within seconds.
+#[test]
+fn a_member_refusing_connections_is_probed_at_once() {
+    let (mut topo, daemon, pids) = lab("hc-refused", false);
+    let slow = "{type: TCP, delay: 60, timeout: 5, max_retries: 1, max_retries_down: 2}";
+    apply(&topo, &daemon, &web(slow, 80, ""));
+    wait_status(&daemon, 1, "ONLINE", up_bound());
+    assert_eq!(curls(&topo, 2).len(), 2);
+    topo.stop(pids[0], "KILL");
+    let killed = Instant::now();
+    let limit = Duration::from_secs(10);
+    let mut refused = 0;
+    while member_status(&daemon, 1) != "ERROR" {
+        assert!(
+            killed.elapsed() < limit,
+            "member-1 still {} {limit:?} after its server died ({refused} requests refused)\ndaemon log:\n{}",
+            member_status(&daemon, 1),
+            topo.log("daemon.log")
+        );
+        if topo.curl(&format!("http://{VIP}/")).is_err() {
+            refused += 1;
+        }
+    }
+    println!(
+        "member-1 ERROR {:?} after its server died; {refused} requests refused meanwhile",
+        killed.elapsed()
+    );
+    assert!(refused > 0, "no request met the dead member");
+    assert_eq!(curls(&topo, 4), ["member-2"; 4]);
+}
+
 #[test]
 fn http_monitor_follows_the_health_endpoint() {
     let (mut topo, daemon, _) = lab("hc-http", false);

@@ -137,6 +137,13 @@ pub const ALL_MAPS: [&str; 19] = [
 pub const MAP_BENCH_FRAME: &str = "LB_BENCH_FRAME";
 /// Name of the benchmark wrapper's jump table: slot 0 is the program under test. Not pinned.
 pub const MAP_BENCH_TARGET: &str = "LB_BENCH_TARGET";
+/// Name of the refusals ring buffer: the member id (a native-endian `u32`) of every connection a
+/// member refused (its RST to a half-open flow), so that the daemon probes that member at once
+/// rather than at its next tick. Not pinned: events are news, not state.
+pub const MAP_REFUSALS: &str = "LB_REFUSALS";
+/// Size of the refusals ring buffer in bytes (a power of two, a multiple of the page size):
+/// room for 2,048 events between two reads of the daemon.
+pub const REFUSALS_BYTES: u32 = 32 * 1024;
 /// Bytes of the frame the benchmark wrapper restores: Ethernet, IPv4 without options and a
 /// TCP header (every byte any path rewrites); frames run through it are at least this long.
 pub const BENCH_FRAME_BYTES: usize = 54;

@@ -56,6 +56,9 @@ pub struct Options {
 
 /// How often the connection table is swept for idle flows.
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+/// The least time between two rounds of probes brought on by refused connections: a member
+/// refusing thousands of connections a second is probed ten times a second, not thousands.
+const REFUSAL_PROBE_GAP: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What the daemon persists.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -297,6 +300,19 @@ impl Controller {
                         tracing::error!(%interface, error = %e, "restoring VIP addresses failed")
                     }
                 }
+            }
+        }
+    }
+
+    /// Probes now the monitored members (still up) that the data path saw refuse connections.
+    fn on_refusals(&mut self, member_ids: &BTreeSet<u32>) {
+        for member in self.health.keys() {
+            let refused = self
+                .programmer
+                .member_id(member)
+                .is_some_and(|id| member_ids.contains(&id));
+            if refused && !self.down.contains(member) && self.monitors.probe_now(member) {
+                tracing::debug!(?member, "member refused a connection: probing it now");
             }
         }
     }
@@ -666,6 +682,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     );
 
     let mut datapath = Datapath::load(options.load.clone())?;
+    let refusals = datapath.take_refusals();
     let snapshot_path = options.state_dir.join(SNAPSHOT_FILE);
     let mut programmer = Programmer::with_drain_timeout(options.member_drain_timeout);
     if datapath.reused_maps() {
@@ -788,6 +805,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             }
         })
     };
+    // Refused connections bring their member's next probe forward.
+    let refusal_task = refusals.map(|ring| tokio::spawn(watch_refusals(daemon.clone(), ring)));
     let sweeper = {
         let daemon = daemon.clone();
         let policy = options.expiry;
@@ -826,6 +845,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         task.abort();
     }
     health_task.abort();
+    if let Some(task) = refusal_task {
+        task.abort();
+    }
     let mut controller = daemon.controller.lock().await;
     if options.cleanup_on_exit {
         let owned: Vec<Ipv4Addr> = controller.state.owned_addresses.iter().copied().collect();
@@ -851,4 +873,37 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Reads the member ids of refused connections as the data path reports them, and has those
+/// members probed now; one round per [`REFUSAL_PROBE_GAP`] at the most.
+async fn watch_refusals(daemon: Arc<Daemon>, ring: aya::maps::RingBuf<aya::maps::MapData>) {
+    // SAFETY: the ring buffer owns its map's descriptor, which stays open, and the same, for
+    // as long as the ring buffer lives (it moves into the AsyncFd).
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+    };
+    let mut ring = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch refused connections: members are probed at their delay only");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut ready) = ring.readable_mut().await else {
+            return;
+        };
+        let mut member_ids = BTreeSet::new();
+        while let Some(event) = ready.get_inner_mut().next() {
+            if let Ok(bytes) = <[u8; 4]>::try_from(&event[..]) {
+                member_ids.insert(u32::from_ne_bytes(bytes));
+            }
+        }
+        ready.clear_ready();
+        if !member_ids.is_empty() {
+            daemon.controller.lock().await.on_refusals(&member_ids);
+        }
+        tokio::time::sleep(REFUSAL_PROBE_GAP).await;
+    }
 }

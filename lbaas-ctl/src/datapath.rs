@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, MapError, PerCpuArray, ProgramArray,
+        Array, HashMap, MapData, MapError, PerCpuArray, ProgramArray, RingBuf,
         lpm_trie::{Key as TrieKey, LpmTrie},
     },
     programs::{
@@ -268,6 +268,8 @@ pub struct Datapath {
     attached: Vec<(String, u32, u32)>,
     pin_dir: Option<PathBuf>,
     reused_maps: bool,
+    /// Refused connections' member ids (`MAP_REFUSALS`), until the daemon takes them.
+    refusals: Option<RingBuf<MapData>>,
 }
 
 /// Per-CPU counters summed.
@@ -387,6 +389,7 @@ impl Datapath {
             conntrack: take(&mut ebpf, MAP_CONNTRACK)?,
             ifaces: take(&mut ebpf, lbaas_common::MAP_IFACES)?,
             reverse: take(&mut ebpf, MAP_REVERSE)?,
+            refusals: Some(take(&mut ebpf, lbaas_common::MAP_REFUSALS)?),
             ebpf,
             tables,
             links: Vec::new(),
@@ -395,6 +398,12 @@ impl Datapath {
             pin_dir,
             reused_maps,
         })
+    }
+
+    /// The ring buffer on which the data path names the member of every connection a member
+    /// refused (each id a native-endian `u32`); `None` once taken.
+    pub fn take_refusals(&mut self) -> Option<RingBuf<MapData>> {
+        self.refusals.take()
     }
 
     /// Whether the maps were taken over from pins a previous daemon left (with its flows).

@@ -13,7 +13,7 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::{TcpStream, UdpSocket},
-    sync::mpsc,
+    sync::{Notify, mpsc},
     task::JoinHandle,
 };
 
@@ -492,7 +492,7 @@ pub fn probes(config: &Config) -> BTreeMap<MemberRef, Probe> {
 
 /// One task per monitored member, started, restarted and stopped as the configuration changes.
 pub struct Monitors {
-    tasks: BTreeMap<MemberRef, (Probe, JoinHandle<()>)>,
+    tasks: BTreeMap<MemberRef, (Probe, JoinHandle<()>, Arc<Notify>)>,
     transitions: mpsc::UnboundedSender<Transition>,
     latency: Arc<crate::metrics::CheckLatency>,
 }
@@ -518,11 +518,11 @@ impl Monitors {
         let gone: Vec<MemberRef> = self
             .tasks
             .iter()
-            .filter(|(m, (p, _))| wanted.get(*m) != Some(p))
+            .filter(|(m, (p, _, _))| wanted.get(*m) != Some(p))
             .map(|(m, _)| m.clone())
             .collect();
         for member in gone {
-            if let Some((_, task)) = self.tasks.remove(&member) {
+            if let Some((_, task, _)) = self.tasks.remove(&member) {
                 task.abort();
             }
         }
@@ -531,13 +531,16 @@ impl Monitors {
             if self.tasks.contains_key(member) {
                 continue;
             }
+            let now = Arc::new(Notify::new());
             let task = tokio::spawn(run(
                 member.clone(),
                 probe.clone(),
+                now.clone(),
                 self.transitions.clone(),
                 self.latency.clone(),
             ));
-            self.tasks.insert(member.clone(), (probe.clone(), task));
+            self.tasks
+                .insert(member.clone(), (probe.clone(), task, now));
             started.push(member.clone());
         }
         started
@@ -547,11 +550,22 @@ impl Monitors {
     pub fn is_monitored(&self, member: &MemberRef) -> bool {
         self.tasks.contains_key(member)
     }
+
+    /// Has a monitored member probed now, rather than at its next tick (the data path saw it
+    /// refuse a connection). The probe counts like any other: the member still needs its
+    /// `max_retries_down` failed checks in a row to go down. Returns whether it is monitored.
+    pub fn probe_now(&self, member: &MemberRef) -> bool {
+        let Some((_, _, now)) = self.tasks.get(member) else {
+            return false;
+        };
+        now.notify_one();
+        true
+    }
 }
 
 impl Drop for Monitors {
     fn drop(&mut self) {
-        for (_, task) in self.tasks.values() {
+        for (_, task, _) in self.tasks.values() {
             task.abort();
         }
     }
@@ -560,16 +574,22 @@ impl Drop for Monitors {
 async fn run(
     member: MemberRef,
     probe: Probe,
+    now: Arc<Notify>,
     transitions: mpsc::UnboundedSender<Transition>,
     latency: Arc<crate::metrics::CheckLatency>,
 ) {
-    tokio::time::sleep(jitter(&member, probe.delay)).await;
     let mut thresholds = Thresholds::default();
-    let mut tick = tokio::time::interval(probe.delay);
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + jitter(&member, probe.delay),
+        probe.delay,
+    );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error = String::new();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = now.notified() => {}
+        }
         let started = std::time::Instant::now();
         let result = crate::health::probe(&probe).await;
         let ok = result.is_ok();

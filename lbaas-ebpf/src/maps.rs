@@ -2,7 +2,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf, lpm_trie::Key,
+    },
     programs::XdpContext,
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
@@ -10,8 +12,8 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use lbaas_common::{
     BenchFrame, CONN_COUNTER_SLOTS, CachedHop, DEFAULT_CONNTRACK_SIZE, Endpoint, FlowCounters,
     FlowKey, FlowState, HalfOpen, ListenerStats, MAX_ALLOWED_SOURCES, MAX_IFACES, MAX_LISTENERS,
-    MAX_MEMBER_VIPS, MAX_MEMBERS, MAX_VIPS, MemberInfo, NEXT_HOP_ENTRIES, RING_SLOTS, ReverseNat,
-    STAT_COUNT, SourcePrefix, VIP_FILTER_SLOTS, VipInfo, VipKey,
+    MAX_MEMBER_VIPS, MAX_MEMBERS, MAX_VIPS, MemberInfo, NEXT_HOP_ENTRIES, REFUSALS_BYTES,
+    RING_SLOTS, ReverseNat, STAT_COUNT, SourcePrefix, VIP_FILTER_SLOTS, VipInfo, VipKey,
 };
 
 /// VIP address filter (see `MAP_VIP_FILTER`).
@@ -267,3 +269,14 @@ pub static LB_BENCH_FRAME: Array<BenchFrame> = Array::with_max_entries(1, 0);
 /// The benchmark wrapper's program under test (see `MAP_BENCH_TARGET`).
 #[map(name = "LB_BENCH_TARGET")]
 pub static LB_BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Member ids of refused connections, for the daemon (see `MAP_REFUSALS`).
+#[map(name = "LB_REFUSALS")]
+pub static LB_REFUSALS: RingBuf = RingBuf::with_byte_size(REFUSALS_BYTES, 0);
+
+/// Tells the daemon a member refused a connection (dropped when the ring is full: the daemon
+/// is already behind on this news, and one event per member is all it needs).
+#[inline(always)]
+pub fn report_refusal(member_id: u32) {
+    let _ = LB_REFUSALS.output::<u32>(&member_id, 0);
+}

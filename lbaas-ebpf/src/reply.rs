@@ -53,9 +53,11 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, ()> {
 
 /// Forgets a half-open flow its member refused (RST): the client's connection is over. Kept,
 /// it would send a new connection from the same client port (free again at once after a RST,
-/// and soon reused) to the member that refused, as if it were the SYN's retransmission.
+/// and soon reused) to the member that refused, as if it were the SYN's retransmission. The
+/// daemon hears of the refusal, and probes the member now.
 #[inline(always)]
 fn end_half_open(pkt: &Packet, key: &FlowKey, nat: &ReverseNat) {
+    maps::report_refusal(nat.member_id);
     let _ = LB_CT_SYN.remove(client_key(pkt, nat.vip_addr, nat.vip_port));
     // Only an endpoint shared by several listeners has one (a miss otherwise; RSTs only).
     let _ = LB_CT_SYN_REV.remove(key);
