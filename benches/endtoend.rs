@@ -861,7 +861,7 @@ fn main() {
     let statuses: Vec<&str> = statuses_after.iter().map(String::as_str).collect();
     let _ = writeln!(
         md,
-        "| failover convergence: member's nginx SIGKILLed under a loop of new connections (HTTP monitor, delay 2 s, timeout 1 s, max_retries_down 1) to the last request that reached it; {} kills spread over the probe cycle, median (max) | {ms_median:.0} ms ({ms_max:.0} ms) |",
+        "| failover convergence: member's nginx SIGKILLed under a loop of new connections (HTTP monitor, delay 2 s, timeout 1 s, max_retries_down 1; a member that refuses a connection is probed at once) to the last request that reached it or failed; {} kills spread over the probe cycle, median (max) | {ms_median:.0} ms ({ms_max:.0} ms) |",
         failovers.len()
     );
     let _ = writeln!(
