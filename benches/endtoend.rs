@@ -785,7 +785,8 @@ fn main() {
     let ratio = |load: Load, name: &'static str| ratios.get(&(load, name)).copied().unwrap_or(0.0);
     let goal = |what: &str, value: f64, want: f64| {
         format!(
-            "| {what} | {value:.2}x | >= {want:.1}x | {} |",
+            // Three decimals: a 0.997 shown as "1.00x, not met" would contradict itself.
+            "| {what} | {value:.3}x | >= {want:.1}x | {} |",
             if value >= want { "met" } else { "not met" }
         )
     };
