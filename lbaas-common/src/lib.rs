@@ -103,13 +103,8 @@ pub const MAP_LISTENER_STATS: &str = "LB_LSTATS";
 /// Name of the per-CPU global counters: stat index (`STAT_*`) -> u64.
 pub const MAP_GLOBAL_STATS: &str = "LB_GSTATS";
 
-/// Name of the per-CPU clock reading of the data path (one entry: the tick and the
-/// CLOCK_MONOTONIC time read in it), so that a packet reads the clock once per tick rather
-/// than once per packet. Kernel-only and never pinned: a fresh one is correct from its
-/// first packet.
-pub const MAP_CLOCK: &str = "LB_CLOCK";
-
-/// Every map that holds state (all but [`MAP_CLOCK`]), e.g. to pin them all.
+/// Every map that holds state, e.g. to pin them all. (The data path's clock reading is a
+/// global of the program, in its `.bss`: a fresh one is correct from its first packet.)
 pub const ALL_MAPS: [&str; 19] = [
     MAP_IFACES,
     MAP_VIP_FILTER,

@@ -126,41 +126,42 @@ pub static LB_LSTATS: PerCpuArray<ListenerStats> = PerCpuArray::with_max_entries
 #[map(name = "LB_GSTATS")]
 pub static LB_GSTATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 
-/// A CPU's last reading of the clock and the tick (jiffies) it was taken in.
-#[derive(Clone, Copy)]
+/// The last reading of the clock and the tick (jiffies) it was taken in.
 #[repr(C)]
 pub struct ClockReading {
     jiffies: u64,
     ns: u64,
 }
 
-/// This CPU's last clock reading (see [`now_ns`]).
-#[map(name = "LB_CLOCK")]
-pub static LB_CLOCK: PerCpuArray<ClockReading> = PerCpuArray::with_max_entries(1, 0);
+/// The last clock reading (see [`now_ns`]): a global (`.bss`), shared by all CPUs, so that
+/// reading it is two loads, with no map lookup and no key on the stack. Whichever CPU first
+/// sees a new tick writes it; a race writes readings of the same tick.
+#[unsafe(no_mangle)]
+static mut LB_CLOCK_READING: ClockReading = ClockReading { jiffies: 0, ns: 0 };
 
 /// Now (CLOCK_MONOTONIC, the controller's clock too), for flow and next-hop stamps, to
-/// within one scheduler tick: the clock is read once per tick per CPU and remembered.
-/// Reading the tick costs a load (the verifier inlines `bpf_jiffies64`); a clock helper
-/// call costs ~20-30 ns here, a seventh of an established packet's whole cost, for a
-/// precision nothing needs: every stamp is compared against a second or more.
+/// within one scheduler tick: the clock is read once per tick and remembered. Reading the
+/// tick costs a load (the verifier inlines `bpf_jiffies64`); a clock helper call costs
+/// ~20-30 ns here, a fifth of an established packet's whole cost, for a precision nothing
+/// needs: every stamp is compared against a second or more.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     use aya_ebpf::helpers::{bpf_ktime_get_ns, generated::bpf_jiffies64};
+    use core::ptr::{addr_of_mut, read_volatile, write_volatile};
     // SAFETY: helper without arguments.
     let jiffies = unsafe { bpf_jiffies64() };
-    let Some(reading) = LB_CLOCK.get_ptr_mut(0) else {
-        // SAFETY: helper without arguments.
-        return unsafe { bpf_ktime_get_ns() };
-    };
-    // SAFETY: this CPU's own slot, read and written only while this program runs on it.
+    let reading = addr_of_mut!(LB_CLOCK_READING);
+    // SAFETY: a global of the program's own; volatile, because other CPUs write it. The
+    // writer stores the time before the tick, so a reader that sees the new tick sees its
+    // time (x86 keeps stores, and loads, in order).
     unsafe {
-        if (*reading).jiffies != jiffies {
-            *reading = ClockReading {
-                jiffies,
-                ns: bpf_ktime_get_ns(),
-            };
+        if read_volatile(addr_of_mut!((*reading).jiffies)) == jiffies {
+            return read_volatile(addr_of_mut!((*reading).ns));
         }
-        (*reading).ns
+        let ns = bpf_ktime_get_ns();
+        write_volatile(addr_of_mut!((*reading).ns), ns);
+        write_volatile(addr_of_mut!((*reading).jiffies), jiffies);
+        ns
     }
 }
 
