@@ -31,10 +31,16 @@ fn monitor(kind: &str, extra: &str) -> String {
     )
 }
 
-/// One HTTP listener on :80 over members 1 and 2 (and `extra_members`), with `monitor`.
+/// One TCP listener (the XDP path) on :80 over members 1 and 2 (and `extra_members`), with
+/// `monitor`.
 fn web(monitor: &str, port: u16, extra_members: &str) -> String {
+    web_over("TCP", monitor, port, extra_members)
+}
+
+/// The same with a listener and pool of `protocol` (HTTP: the L7 proxy).
+fn web_over(protocol: &str, monitor: &str, port: u16, extra_members: &str) -> String {
     format!(
-        "    listeners:\n      - {{name: web, protocol: TCP, protocol_port: 80, default_pool: web}}\n    pools:\n      - name: web\n        protocol: TCP\n        lb_algorithm: ROUND_ROBIN\n        healthmonitor: {monitor}\n        members:\n          - {{name: m1, address: {}, protocol_port: 80, monitor_port: {port}}}\n          - {{name: m2, address: {}, protocol_port: 80, monitor_port: {port}}}\n{extra_members}",
+        "    listeners:\n      - {{name: web, protocol: {protocol}, protocol_port: 80, default_pool: web}}\n    pools:\n      - name: web\n        protocol: {protocol}\n        lb_algorithm: ROUND_ROBIN\n        healthmonitor: {monitor}\n        members:\n          - {{name: m1, address: {}, protocol_port: 80, monitor_port: {port}}}\n          - {{name: m2, address: {}, protocol_port: 80, monitor_port: {port}}}\n{extra_members}",
         member_addr(1),
         member_addr(2)
     )
@@ -232,6 +238,38 @@ fn a_member_refusing_connections_is_probed_at_once() {
         killed.elapsed()
     );
     assert!(refused > 0, "no request met the dead member");
+    assert_eq!(curls(&topo, 4), ["member-2"; 4]);
+}
+
+/// The same through the L7 proxy: a member it cannot connect to is reported and probed at
+/// once, while the proxy sends the request to another member (no client sees an error).
+#[test]
+fn a_member_the_proxy_cannot_connect_to_is_probed_at_once() {
+    let (mut topo, daemon, pids) = lab("hc-l7-refused", false);
+    let slow = "{type: TCP, delay: 60, timeout: 5, max_retries: 1, max_retries_down: 2}";
+    apply(&topo, &daemon, &web_over("HTTP", slow, 80, ""));
+    wait_status(&daemon, 1, "ONLINE", up_bound());
+    let both = curls(&topo, 4);
+    assert!(both.contains(&"member-1".to_string()), "{both:?}");
+    topo.stop(pids[0], "KILL");
+    let killed = Instant::now();
+    let limit = Duration::from_secs(10);
+    let mut requests = 0;
+    while member_status(&daemon, 1) != "ERROR" {
+        assert!(
+            killed.elapsed() < limit,
+            "member-1 still {} {limit:?} after its server died ({requests} requests sent)\ndaemon log:\n{}",
+            member_status(&daemon, 1),
+            topo.log("daemon.log")
+        );
+        // The proxy redispatches a request the dead member cannot take.
+        assert_eq!(curls(&topo, 1), ["member-2"]);
+        requests += 1;
+    }
+    println!(
+        "member-1 ERROR {:?} after its server died; {requests} requests meanwhile, all answered",
+        killed.elapsed()
+    );
     assert_eq!(curls(&topo, 4), ["member-2"; 4]);
 }
 

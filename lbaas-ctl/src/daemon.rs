@@ -22,7 +22,7 @@ use crate::{
     health::{self, Monitors, Transition},
     metrics::{self, DaemonFigures},
     net::VipAddresses,
-    proxy::{Proxy, ProxyError},
+    proxy::{Proxy, ProxyError, RefusalReports},
     status::{self, MemberHealth, StatusResponse},
 };
 
@@ -56,6 +56,9 @@ pub struct Options {
 
 /// How often the connection table is swept for idle flows.
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+/// Reports of members the L7 proxy could not connect to that may wait for the daemon
+/// (more are dropped: the daemon is behind, and one report per member is enough).
+const PROXY_REFUSALS_CAPACITY: usize = 1024;
 /// The least time between two rounds of probes brought on by refused connections: a member
 /// refusing thousands of connections a second is probed ten times a second, not thousands.
 const REFUSAL_PROBE_GAP: std::time::Duration = std::time::Duration::from_millis(100);
@@ -306,12 +309,26 @@ impl Controller {
 
     /// Probes now the monitored members (still up) that the data path saw refuse connections.
     fn on_refusals(&mut self, member_ids: &BTreeSet<u32>) {
-        for member in self.health.keys() {
-            let refused = self
-                .programmer
-                .member_id(member)
-                .is_some_and(|id| member_ids.contains(&id));
-            if refused && !self.down.contains(member) && self.monitors.probe_now(member) {
+        let refused: BTreeSet<MemberRef> = self
+            .health
+            .keys()
+            .filter(|m| {
+                self.programmer
+                    .member_id(m)
+                    .is_some_and(|id| member_ids.contains(&id))
+            })
+            .cloned()
+            .collect();
+        self.probe_refused(&refused);
+    }
+
+    /// Probes now the monitored members of `refused` that are still up.
+    fn probe_refused(&mut self, refused: &BTreeSet<MemberRef>) {
+        for member in refused {
+            if self.health.contains_key(member)
+                && !self.down.contains(member)
+                && self.monitors.probe_now(member)
+            {
                 tracing::debug!(?member, "member refused a connection: probing it now");
             }
         }
@@ -731,6 +748,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     warn_if_not_forwarding();
     let addresses = VipAddresses::new(&options.interface)?;
     let (transitions_tx, mut transitions) = tokio::sync::mpsc::unbounded_channel();
+    let (proxy_refusals, proxy_refused) = RefusalReports::channel(PROXY_REFUSALS_CAPACITY);
     let check_latency = metrics::check_latency();
     let mut controller = Controller {
         monitors: Monitors::new(transitions_tx, check_latency.clone()),
@@ -752,7 +770,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         addresses,
         state_path,
         compile: options.compile,
-        proxy: Proxy::default(),
+        proxy: Proxy::reporting_refusals(proxy_refusals),
     };
     if !saved.config.loadbalancers.is_empty() {
         let n = saved.config.loadbalancers.len();
@@ -807,6 +825,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     };
     // Refused connections bring their member's next probe forward.
     let refusal_task = refusals.map(|ring| tokio::spawn(watch_refusals(daemon.clone(), ring)));
+    let proxy_refusal_task = tokio::spawn(watch_proxy_refusals(daemon.clone(), proxy_refused));
     let sweeper = {
         let daemon = daemon.clone();
         let policy = options.expiry;
@@ -845,6 +864,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         task.abort();
     }
     health_task.abort();
+    proxy_refusal_task.abort();
     if let Some(task) = refusal_task {
         task.abort();
     }
@@ -873,6 +893,22 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Reads the members the L7 proxy could not connect to, and has them probed now; one round
+/// per [`REFUSAL_PROBE_GAP`] at the most.
+async fn watch_proxy_refusals(
+    daemon: Arc<Daemon>,
+    mut reports: tokio::sync::mpsc::Receiver<MemberRef>,
+) {
+    while let Some(first) = reports.recv().await {
+        let mut refused = BTreeSet::from([first]);
+        while let Ok(member) = reports.try_recv() {
+            refused.insert(member);
+        }
+        daemon.controller.lock().await.probe_refused(&refused);
+        tokio::time::sleep(REFUSAL_PROBE_GAP).await;
+    }
 }
 
 /// Reads the member ids of refused connections as the data path reports them, and has those

@@ -86,6 +86,37 @@ pub struct RequestPlan {
     pub member_connect_timeout: Option<Duration>,
     /// The listener's counters.
     pub counters: Arc<ListenerCounters>,
+    /// Where members no connection could be opened to are reported (their monitors probe
+    /// them at once); `None`: nowhere.
+    pub refusals: Option<RefusalReports>,
+}
+
+/// The sending end of the proxy's reports of members it could not connect to, for the
+/// daemon, which brings those members' health checks forward (as it does for members the
+/// data path sees refuse connections). The probe decides, with the monitor's thresholds.
+#[derive(Debug, Clone)]
+pub struct RefusalReports(tokio::sync::mpsc::Sender<MemberRef>);
+
+impl RefusalReports {
+    /// A channel of `capacity` reports: the sending end, and the receiving end for the daemon.
+    pub fn channel(capacity: usize) -> (Self, tokio::sync::mpsc::Receiver<MemberRef>) {
+        let (sender, receiver) = tokio::sync::mpsc::channel(capacity);
+        (Self(sender), receiver)
+    }
+
+    /// Reports `member` (dropped when the channel is full: the daemon is already behind on
+    /// this news, and one report per member is all it needs).
+    pub fn report(&self, member: &MemberRef) {
+        let _ = self.0.try_send(member.clone());
+    }
+}
+
+impl RequestPlan {
+    fn report_refusal(&self, member: &MemberRef) {
+        if let Some(reports) = &self.refusals {
+            reports.report(member);
+        }
+    }
 }
 
 const HOP_BY_HOP_COUNT: usize = 8;
@@ -452,6 +483,7 @@ async fn forward(
             Ok(lease) => break (key, lease),
             Err(e) => {
                 tracing::debug!(member = %member.authority, error = %e, "member refused; trying another");
+                plan.report_refusal(&member.key);
                 tried.push(member.key.clone());
                 match pool.choose_other(&tried) {
                     Some(next) => member = next,
@@ -478,6 +510,7 @@ async fn forward(
             let status = match failure {
                 Failure::Connect(e) => {
                     tracing::debug!(member = %member.authority, error = %e, "member refused a retried request");
+                    plan.report_refusal(&member.key);
                     StatusCode::SERVICE_UNAVAILABLE
                 }
                 Failure::Request(e) => {

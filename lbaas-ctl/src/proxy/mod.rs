@@ -11,6 +11,9 @@
 //! [`Proxy::install`] swaps the plans into running listeners (requests in flight finish with
 //! the plan they started with, the listening socket stays open), starts new listeners and
 //! stops removed ones (their open connections finish).
+//!
+//! A member the proxy cannot connect to is reported ([`RefusalReports`]) and its health
+//! monitor probes it at once; the request itself goes to another member.
 
 pub mod conns;
 pub mod forward;
@@ -40,6 +43,7 @@ use crate::{
     compile::{ListenerRef, MemberRef},
     config::{Config, ListenerProtocol, parse_cidr},
 };
+pub use forward::RefusalReports;
 use forward::{InsertHeaders, ListenerCounters, RequestPlan};
 use pool::{MemberCounters, PoolRegistry, ProxyPool};
 
@@ -153,6 +157,7 @@ pub struct Proxy {
     running: HashMap<SocketAddrV4, Running>,
     registry: PoolRegistry,
     counters: HashMap<ListenerRef, Arc<ListenerCounters>>,
+    refusals: Option<RefusalReports>,
 }
 
 /// A timeout in ms from the YAML; 0 means none, as in HAProxy.
@@ -189,6 +194,14 @@ fn bind(addr: SocketAddrV4, count: usize) -> io::Result<Vec<std::net::TcpListene
 }
 
 impl Proxy {
+    /// A proxy that reports the members it cannot connect to on `reports` (plans prepared
+    /// from now on carry it).
+    pub fn reporting_refusals(reports: RefusalReports) -> Self {
+        let mut proxy = Self::default();
+        proxy.refusals = Some(reports);
+        proxy
+    }
+
     /// Compiles the plans of every enabled L7 listener in `config` and binds the sockets of
     /// new ones. Changes nothing that serves traffic.
     pub fn prepare(
@@ -264,6 +277,7 @@ impl Proxy {
                     member_data_timeout: timeout_ms(l.timeout_member_data),
                     member_connect_timeout: timeout_ms(l.timeout_member_connect),
                     counters,
+                    refusals: self.refusals.clone(),
                 };
                 if !self.running.contains_key(&addr) && !prepared.sockets.contains_key(&addr) {
                     let socket =
