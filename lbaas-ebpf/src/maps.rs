@@ -152,8 +152,9 @@ pub fn now_ns() -> u64 {
     let jiffies = unsafe { bpf_jiffies64() };
     let reading = addr_of_mut!(LB_CLOCK_READING);
     // SAFETY: a global of the program's own; volatile, because other CPUs write it. The
-    // writer stores the time before the tick, so a reader that sees the new tick sees its
-    // time (x86 keeps stores, and loads, in order).
+    // writer stores the time before the tick (on x86, which keeps stores and loads in order,
+    // a reader that sees the new tick sees its time); where a reader could pair a new tick
+    // with the previous time, that time is one tick old, which no stamp notices.
     unsafe {
         if read_volatile(addr_of_mut!((*reading).jiffies)) == jiffies {
             return read_volatile(addr_of_mut!((*reading).ns));
